@@ -1,0 +1,155 @@
+"""Stage 2: continue training a Wan DiT with flow matching.
+
+    python train_dit.py                          # debug DiT on the built-in toy clips, CPU, a few minutes
+    python train_dit.py --batch_size=4 --max_iters=2000 --out_dir=out/run2
+    python train_dit.py --init_from=resume       # continue out_dir exactly where it stopped
+"""
+import json
+import math
+import os
+import time
+
+import decord
+import torch
+import torch.nn.functional as F
+
+from data import ClipLoader, ensure_shapes
+from models.checkpoint import atomic_save, load_state_dict
+from models.settings import configure, save_config
+from models.t5 import T5Encoder, Tokenizer, configs as t5_configs, encode
+from models.vae import load_codec
+from models.wan import WanModel, configs as wan_configs
+
+out_dir = 'out/dit'            # run folder: config.json, ckpt.pt, tokenizer.json
+data = 'shapes'                # a manifest .jsonl, or 'shapes': the built-in toy set, rendered into data/shapes if absent
+model = 'debug'                # DiT config, a key of models/wan.py configs
+vae = 'pixel'                  # video codec: pixel (space-to-depth, for debugging)
+tokenizer = ''                 # tokenizer.json; '' = the one beside the manifest (the toy set ships one)
+device = 'auto'                # auto = cuda when available, else cpu
+seed = 0                       # seeds the weights, noise, timesteps and data order
+batch_size = 8                 # clips per iteration
+frames = 17                    # pixel frames per clip, 1 + 4k
+height = 64                    # clip height after resize and centre crop
+width = 64                     # clip width after resize and centre crop
+frame_stride = 2               # take every n-th frame of the source clip
+max_iters = 500                # total training iterations
+learning_rate = 2e-3           # peak AdamW learning rate (constant after warmup)
+warmup_iters = 50              # linear learning-rate warmup
+weight_decay = 0.0             # AdamW weight decay
+grad_clip = 1.0                # clip the gradient norm to this (0 = off)
+t_range = (0.0, 1.0)           # sigma range after the shift, e.g. (0.875, 1.0) for the high-noise A14B expert
+shift = 1.0                    # sigma = shift*u / (1 + (shift-1)*u) for u uniform in the range
+caption_dropout = 0.1          # share of empty captions, so that classifier-free guidance works
+log_interval = 25              # iterations between log lines (the loss is their mean)
+ckpt_interval = 250            # iterations between checkpoints (one is always written at the end)
+init_from = 'scratch'          # scratch | resume (out_dir/ckpt.pt) | a run folder to start from its weights
+skip_bad = False               # skip unreadable clips (counted and reported) instead of stopping
+num_workers = 0                # data loader worker processes
+
+cfg = configure(globals(), __file__)
+
+
+def shifted(u, s):
+    return s * u / (1 + (s - 1) * u)
+
+
+def main():
+    dev = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device)
+    if model not in wan_configs:
+        raise SystemExit(f"unknown model '{model}'; choose one of {', '.join(wan_configs)}")
+    manifest = ensure_shapes('data/shapes') if data == 'shapes' else data
+    tok_path = tokenizer or os.path.join(os.path.dirname(manifest), 'tokenizer.json')
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    ckpt = None
+    if init_from == 'resume':
+        if not os.path.exists(ckpt_path):
+            raise SystemExit(f'init_from=resume: {ckpt_path} does not exist (train with init_from=scratch first)')
+        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False)
+    elif init_from != 'scratch':
+        src = os.path.join(init_from, 'ckpt.pt')
+        if not os.path.exists(src):
+            raise SystemExit(f"init_from='{init_from}': no ckpt.pt there (use scratch, resume or a run folder)")
+        ckpt = {k: v for k, v in torch.load(src, map_location='cpu', weights_only=False).items() if k in ('model', 't5')}
+    save_config(cfg, out_dir)
+    torch.manual_seed(seed)
+
+    codec = load_codec(vae)
+    arch = wan_configs[model]
+    dit = WanModel(**arch)
+    dit.init_weights()
+    if ckpt is not None:
+        load_state_dict(dit, ckpt['model'], ckpt_path if init_from == 'resume' else init_from)
+    dit.to(dev).train()
+    # the debug text encoder is a frozen random umT5 made from the seed; it is saved with the run
+    t5 = T5Encoder(**t5_configs['debug']).eval().requires_grad_(False)
+    t5.init_weights(seed)
+    if ckpt is not None and 't5' in ckpt:
+        t5.load_state_dict(ckpt['t5'])
+    t5.to(dev)
+    tok = Tokenizer(tok_path)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(tok_path, 'rb') as f_in, open(os.path.join(out_dir, 'tokenizer.json'), 'wb') as f_out:
+        f_out.write(f_in.read())
+
+    loader = ClipLoader(manifest, batch_size, frames, height, width, stride=frame_stride, seed=seed,
+                        skip_bad=skip_bad, num_workers=num_workers)
+    fps = decord.VideoReader(loader.records[0]['video']).get_avg_fps() / frame_stride
+    decay = [p for p in dit.parameters() if p.dim() >= 2]
+    no_decay = [p for p in dit.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
+                            lr=learning_rate, betas=(0.9, 0.99), fused=dev.type == 'cuda')
+    gen = torch.Generator(dev).manual_seed(seed)
+    it = 0
+    if init_from == 'resume':
+        opt.load_state_dict(ckpt['optimizer'])
+        loader.load_state_dict(ckpt['loader'])
+        gen.set_state(ckpt['rng'])
+        it = ckpt['iter']
+    u_lo, u_hi = (r / (shift - (shift - 1) * r) for r in t_range)  # the shift's inverse maps t_range to u
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if dev.type == 'cuda' else torch.autocast('cpu', enabled=False)
+
+    def save():
+        atomic_save({'model': dit.state_dict(), 'optimizer': opt.state_dict(), 'loader': loader.state_dict(),
+                     'rng': gen.get_state(), 'iter': it, 't5': t5.state_dict(), 'config': cfg, 'arch': arch,
+                     'fps': fps}, ckpt_path)
+
+    batches = iter(loader)
+    losses, t0 = [], time.time()
+    while it < max_iters:
+        batch = next(batches)
+        with torch.no_grad():
+            x0 = codec.encode(batch['video'].to(dev))
+            captions = [c if keep else '' for c, keep in
+                        zip(batch['caption'], torch.rand(len(batch['caption']), generator=gen, device=dev) >= caption_dropout)]
+            ids, mask = tok(captions)
+            context = encode(t5, ids.to(dev), mask.to(dev))
+            u = u_lo + (u_hi - u_lo) * torch.rand(x0.shape[0], generator=gen, device=dev)
+            sigma = shifted(u, shift).view(-1, 1, 1, 1, 1)
+            noise = torch.randn(x0.shape, generator=gen, device=dev)
+            xt = (1 - sigma) * x0 + sigma * noise
+        lr = learning_rate * min(1.0, (it + 1) / warmup_iters) if warmup_iters else learning_rate
+        for group in opt.param_groups:
+            group['lr'] = lr
+        with autocast:
+            pred = dit(xt, 1000 * sigma.flatten(), context)
+        loss = F.mse_loss(pred, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(dit.parameters(), grad_clip)
+        opt.step()
+        it += 1
+        losses.append(loss.item())
+        if it % log_interval == 0 or it == max_iters:
+            dt = (time.time() - t0) / len(losses)
+            tokens = x0.shape[0] * math.prod(x0.shape[2:]) // math.prod(dit.patch_size)
+            print(f'iter {it}: loss {sum(losses) / len(losses):.4f}, {1000 * dt:.1f} ms/iter, '
+                  f'{tokens / dt:,.0f} tokens/s, lr {lr:.2e}', flush=True)
+            losses, t0 = [], time.time()
+        if it % ckpt_interval == 0 or it == max_iters:
+            save()
+    print(f'done: {ckpt_path}')
+
+
+if __name__ == '__main__':
+    main()
