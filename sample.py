@@ -62,8 +62,8 @@ def main():
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dev)
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if dev.type == 'cuda' else torch.autocast('cpu', enabled=False)
     with torch.no_grad(), autocast:
-        ids, mask = tok([prompt, negative_prompt])
-        cond, uncond = encode(t5, ids.to(dev), mask.to(dev)).chunk(2)
+        ids, mask = tok([prompt, negative_prompt], dit.text_len)
+        cond, uncond = encode(t5, ids.to(dev), mask.to(dev), dit.text_len).chunk(2)
         latents = euler(dit, noise, cond, uncond, steps, shift, guidance)
         video = codec.decode(latents.float()).clamp(-1, 1)
     path = out or os.path.join(out_dir, 'sample.mp4')

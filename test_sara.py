@@ -4,11 +4,14 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
+from data import COLOURS, ClipLoader, load_clip, make_shapes, read_manifest, write_video
 from models.checkpoint import DIT_FROM_DIFFUSERS, load_state_dict, rename
 from models.settings import configure
+from models.t5 import T5Encoder, Tokenizer, build_tokenizer, clean_text, configs as t5_configs, encode, hf_to_official
 from models.vae import PixelCodec
 from models.wan import WanModel, configs as wan_configs
 
@@ -123,3 +126,374 @@ def test_pixel_codec_roundtrip():
     assert torch.equal(codec.decode(z), video)
     with pytest.raises(ValueError, match='1\\+4k frames'):
         codec.encode(video[:, :, :8])
+
+
+# ---------------------------------------------------------------------------------------------- umT5
+def _padded_batch(vocab, lens, L, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (len(lens), L), generator=g)
+    mask = (torch.arange(L)[None, :] < torch.tensor(lens)[:, None]).long()
+    return ids * mask, mask  # padded positions hold <pad>=0
+
+
+def test_t5_parity_with_transformers_umt5():
+    from transformers import UMT5Config, UMT5EncoderModel
+    torch.manual_seed(0)
+    cfg = UMT5Config(vocab_size=100, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
+                     relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                     feed_forward_proj='gated-gelu', dropout_rate=0.0, attn_implementation='eager')
+    hf = UMT5EncoderModel(cfg).eval()
+    with torch.no_grad():  # HF inits norms to ones; randomize so the norm weight mapping is tested too
+        for n, p in hf.named_parameters():
+            if 'layer_norm' in n:
+                p.add_(0.3 * torch.randn_like(p))
+    sd = hf_to_official(hf.state_dict())
+    model = T5Encoder(vocab=100, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2, num_buckets=32)
+    model.load_state_dict(sd, strict=True)
+    # L=150 > max_distance so the log buckets and the clamp to the last bucket are exercised
+    ids, mask = _padded_batch(100, [150, 97, 5], 150)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+        out = model(ids, mask)
+    real = mask.bool()
+    rel = ((out - ref)[real].abs().max() / ref[real].abs().max()).item()
+    print(f'umT5 parity max rel err: {rel:.3e}')
+    assert rel <= 1e-5, rel
+
+
+def test_t5_bf16_runs_close_to_fp32():
+    model = T5Encoder(**t5_configs['debug']).init_weights(0)
+    ids, mask = _padded_batch(512, [20, 7], 20)
+    # oneDNN's bf16 matmul picks AMX on this host's CPU and dies with SIGILL; the native kernel is fine
+    mkldnn, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, False
+    try:
+        with torch.no_grad():
+            ref = model(ids, mask)
+            out = model.to(torch.bfloat16)(ids, mask)
+    finally:
+        torch.backends.mkldnn.enabled = mkldnn
+    assert out.dtype == torch.bfloat16
+    real = mask.bool()
+    assert ((out.float() - ref)[real].abs().max() / ref[real].abs().max()).item() < 0.05
+
+
+def test_t5_init_is_deterministic():
+    a = T5Encoder(**t5_configs['debug']).init_weights(3).state_dict()
+    b = T5Encoder(**t5_configs['debug']).init_weights(3).state_dict()
+    c = T5Encoder(**t5_configs['debug']).init_weights(4).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a['blocks.0.attn.q.weight'], c['blocks.0.attn.q.weight'])
+
+
+def test_umt5_xxl_param_count_on_meta():
+    with torch.device('meta'):
+        model = T5Encoder(**t5_configs['umt5-xxl'])
+    sd = model.state_dict()
+    assert len(sd) == 242
+    assert sum(p.numel() for p in model.parameters()) == 5_680_910_336
+    assert sd['blocks.23.ffn.gate.0.weight'].shape == (10240, 4096)
+    assert sd['blocks.0.pos_embedding.embedding.weight'].shape == (32, 64)
+
+
+def test_encode_zero_pads_beyond_true_length():
+    model = T5Encoder(**t5_configs['debug']).init_weights(0)
+    ids, mask = _padded_batch(512, [12, 5, 1], 12)
+    ctx = encode(model, ids, mask, text_len=16)
+    with torch.no_grad():
+        out = model(ids, mask)
+    assert ctx.shape == (3, 16, 64)
+    for i, n in enumerate([12, 5, 1]):
+        assert torch.equal(ctx[i, :n], out[i, :n])
+        assert ctx[i, n:].abs().sum() == 0
+        assert ctx[i, :n].abs().sum(-1).min() > 0  # real rows are not zero
+
+
+def test_tokenizer(tmp_path):
+    path = tmp_path / 'tokenizer.json'
+    build_tokenizer(['a red cube', 'a blue sphere & a red cube', 'the green cone'], path)
+    tok = Tokenizer(path)
+    ids, mask = tok(['a red cube', 'a  red&amp;amp;cube ', 'a purple cube'], text_len=8)
+    assert ids.shape == mask.shape == (3, 8) and ids.dtype == mask.dtype == torch.long
+    assert ids[0, 3].item() == 1 and mask[0].tolist() == [1] * 4 + [0] * 4  # EOS appended
+    assert ids[0, 4:].tolist() == [0] * 4  # padded with <pad>=0
+    assert clean_text(' a \n\t red&amp;amp;cube ') == 'a red&cube'  # word-level ids alone can't see whitespace
+    clean, _ = tok(['a red&cube'], text_len=8)
+    assert torch.equal(ids[1], clean[0]) and ids[1, :5].ne(2).all()  # html + whitespace cleaning
+    assert ids[2, 1].item() == 2 and ids[2, 0] == ids[0, 0]  # unknown word -> <unk>
+    long_ids, long_mask = tok(['a red cube ' * 10], text_len=6)
+    assert long_ids.shape == (1, 6) and long_mask.all()
+    assert long_ids[0, -1].item() == 1 and long_ids[0, :5].ne(1).all()  # truncation keeps EOS last
+
+
+# ---------------------------------------------------------------------------------------------- data
+T, S = 9, 32  # tiny toy set: 9 frames at 32x32
+
+@pytest.fixture(scope='module')
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp('shapes')
+    make_shapes(root, n_train=6, n_val=2, frames=T, size=S, fps=8, seed=0)
+    # the same 8 clips with unique captions, so batches can be told apart by caption
+    recs = [json.loads(l) for f in ('train.jsonl', 'val.jsonl') for l in open(root / f)]
+    with open(root / 'uniq.jsonl', 'w') as f:
+        f.writelines(json.dumps(dict(r, caption=f"clip {i}")) + "\n" for i, r in enumerate(recs))
+    return root
+
+def _decode(path, idx=None):
+    import decord
+    vr = decord.VideoReader(str(path))
+    return vr.get_batch(list(range(len(vr))) if idx is None else idx).asnumpy()
+
+def test_make_shapes_decodes_and_masks_align(shapes):
+    meta = json.load(open(shapes / 'meta.json'))
+    assert (meta['frames'], meta['size'], meta['fps']) == (T, S, 8)
+    assert (shapes / 'tokenizer.json').is_file()
+    recs = read_manifest(shapes / 'train.jsonl') + read_manifest(shapes / 'val.jsonl')
+    assert len(recs) == 8
+    checked = 0
+    for r in recs:
+        video = _decode(r['video']).astype(np.float32)
+        assert video.shape == (T, S, S, 3)
+        assert 1 <= len(r['entities']) <= 3
+        for e in r['entities']:
+            m = np.load(e['mask'])['mask']
+            assert m.shape == (T, S, S) and m.dtype == np.uint8 and set(np.unique(m)) <= {0, 1}
+            # interior pixels only: yuv420p halves chroma resolution, so edge pixels blend with the floor
+            inner = m.astype(bool)
+            inner[:, 1:-1, 1:-1] &= inner[:, :-2, 1:-1] & inner[:, 2:, 1:-1] & inner[:, 1:-1, :-2] & inner[:, 1:-1, 2:]
+            if inner.sum() < 20:
+                continue  # almost fully occluded
+            colour = np.array(COLOURS[e['caption'].split()[1]], np.float32)
+            assert np.abs(video[inner].mean(0) - colour).max() < 25, (e, video[inner].mean(0))
+            checked += 1
+            assert e['caption'] in r['caption']
+    assert checked >= 8
+
+def test_make_shapes_deterministic_and_val_differs(shapes, tmp_path):
+    make_shapes(tmp_path, n_train=6, n_val=2, frames=T, size=S, fps=8, seed=0)
+    for f in ('train.jsonl', 'val.jsonl'):
+        assert (tmp_path / f).read_text() == (shapes / f).read_text()
+    a = read_manifest(shapes / 'train.jsonl') + read_manifest(shapes / 'val.jsonl')
+    b = read_manifest(tmp_path / 'train.jsonl') + read_manifest(tmp_path / 'val.jsonl')
+    masks_a = {}
+    for ra, rb in zip(a, b):
+        for ea, eb in zip(ra['entities'], rb['entities']):
+            ma, mb = np.load(ea['mask'])['mask'], np.load(eb['mask'])['mask']
+            assert np.array_equal(ma, mb)
+            masks_a.setdefault(ra['video'], []).append(ma)
+    train, val = a[:6], a[6:]
+    assert not {r['video'] for r in train} & {r['video'] for r in val}
+    for v in val:
+        for t in train:
+            assert not np.array_equal(_decode(v['video']), _decode(t['video']))
+            assert not any(np.array_equal(x, y) for x in masks_a[v['video']] for y in masks_a[t['video']])
+    make_shapes(tmp_path / 'other', n_train=6, n_val=2, frames=T, size=S, fps=8, seed=1)
+    assert (tmp_path / 'other' / 'train.jsonl').read_text() != (shapes / 'train.jsonl').read_text()
+
+def test_load_clip_shapes_values_and_resize(shapes):
+    rec = max(read_manifest(shapes / 'train.jsonl'), key=lambda r: len(r['entities']))
+    idx = [1, 3, 5, 7]
+    # native size: exactly the decoded frames at start, start+stride, ... and the stored mask frames
+    out = load_clip(rec, frames=4, height=S, width=S, stride=2, start=1)
+    assert out['video'].shape == (3, 4, S, S) and out['video'].dtype == torch.float32
+    ref = torch.from_numpy(_decode(rec['video'], idx)).permute(3, 0, 1, 2).float() / 127.5 - 1
+    assert torch.equal(out['video'], ref)
+    K = len(rec['entities'])
+    raw = np.stack([np.load(e['mask'])['mask'][idx] for e in rec['entities']]).astype(np.float32)
+    assert out['masks'].shape == (K, 4, S, S) and torch.equal(out['masks'], torch.from_numpy(raw))
+    assert out['entity_captions'] == [e['caption'] for e in rec['entities']]
+    assert out['caption'] == rec['caption'] and out['background'] == rec['background']
+    # aspect change: scale 1, centre crop of rows 8..24
+    wide = load_clip(rec, frames=4, height=S // 2, width=S, stride=2, start=1)
+    assert torch.equal(wide['video'], ref[:, :, S // 4: S // 4 + S // 2])
+    # downsampling: values stay in range, masks become soft and keep their covered area
+    small = load_clip(rec, frames=4, height=12, width=12, stride=2, start=1)
+    v, m = small['video'], small['masks']
+    assert v.shape == (3, 4, 12, 12) and v.min() >= -1 and v.max() <= 1 and v.std() > 0.05
+    assert m.shape == (K, 4, 12, 12) and m.min() >= 0 and m.max() <= 1
+    assert ((m > 0.05) & (m < 0.95)).any()  # soft edges, not re-binarised
+    area_small = m.sum((2, 3)) / 12 ** 2
+    area_raw = torch.from_numpy(raw).sum((2, 3)) / S ** 2
+    assert torch.allclose(area_small, area_raw, atol=0.02), (area_small, area_raw)
+    # no entities -> an empty mask tensor with the right trailing shape
+    bare = load_clip(dict(rec, entities=[]), frames=4, height=12, width=12, stride=2, start=1)
+    assert bare['masks'].shape == (0, 4, 12, 12) and bare['entity_captions'] == []
+    with pytest.raises(ValueError, match=r"line \d+: video .*0\d{3}\.mp4 has 9 frames, fewer than the 17"):
+        load_clip(rec, frames=9, height=S, width=S, stride=2)
+
+def _bad_manifest(shapes, name, bad_line):
+    """A manifest in the shapes folder: a good clip on line 1, `bad_line` on line 2."""
+    good = (shapes / 'train.jsonl').read_text().splitlines()[0]
+    path = shapes / name
+    path.write_text(good + "\n" + bad_line + "\n")
+    return path
+
+def test_bad_inputs_give_clear_errors(shapes):
+    good = json.loads((shapes / 'train.jsonl').read_text().splitlines()[1])
+    # missing video
+    p = _bad_manifest(shapes, 'missing.jsonl', json.dumps(dict(good, video='clips/nope.mp4')))
+    with pytest.raises(ValueError) as e:
+        read_manifest(p)
+    assert f"{p} line 2: video clips/nope.mp4 not found" in str(e.value) and "--skip_bad=True" in str(e.value)
+    # malformed JSON
+    p = _bad_manifest(shapes, 'malformed.jsonl', '{"video": "clips/0001.mp4", "caption": ')
+    with pytest.raises(ValueError, match=rf"malformed\.jsonl line 2: malformed JSON"):
+        read_manifest(p)
+    # corrupt mp4: the manifest reads fine, decoding fails with the line and file named
+    (shapes / 'clips' / 'garbage.mp4').write_bytes(b'\x00not an mp4' * 100)
+    p = _bad_manifest(shapes, 'corrupt.jsonl', json.dumps(dict(good, video='clips/garbage.mp4')))
+    rec = read_manifest(p)[1]
+    with pytest.raises(ValueError, match=r"corrupt\.jsonl line 2: video .*garbage\.mp4 could not be decoded"):
+        load_clip(rec, frames=3, height=16, width=16)
+    # mask with the wrong number of frames: names the mask file and both counts
+    np.savez_compressed(shapes / 'masks' / 'short.npz', mask=np.zeros((5, S, S), np.uint8))
+    ents = [dict(caption='a thing', mask='masks/short.npz')]
+    p = _bad_manifest(shapes, 'shortmask.jsonl', json.dumps(dict(good, entities=ents)))
+    with pytest.raises(ValueError, match=r"shortmask\.jsonl line 2: mask .*short\.npz has 5 frames but video .* has 9"):
+        load_clip(read_manifest(p)[1], frames=3, height=16, width=16)
+    # required key
+    p = _bad_manifest(shapes, 'nocaption.jsonl', json.dumps(dict(video=good['video'])))
+    with pytest.raises(ValueError, match=r"nocaption\.jsonl line 2: missing required key 'caption'"):
+        read_manifest(p)
+
+def test_skip_bad_skips_and_counts(shapes, capsys):
+    lines = (shapes / 'train.jsonl').read_text().splitlines()[:3]
+    good = json.loads(lines[1])
+    (shapes / 'clips' / 'garbage.mp4').write_bytes(b'\x00not an mp4' * 100)
+    np.savez_compressed(shapes / 'masks' / 'short.npz', mask=np.zeros((5, S, S), np.uint8))
+    bad = [json.dumps(dict(good, video='clips/nope.mp4')),                               # line 4
+           '{"video": "clips/0001.mp4", "caption": ',                                    # line 5
+           json.dumps(dict(good, video='clips/garbage.mp4')),                            # line 6
+           json.dumps(dict(good, entities=[dict(caption='x', mask='masks/short.npz')]))]  # line 7
+    p = shapes / 'mixed.jsonl'
+    p.write_text("\n".join(lines + bad) + "\n")
+    with pytest.raises(ValueError, match="line 4"):
+        read_manifest(p)
+    assert len(read_manifest(p, skip_bad=True)) == 5  # cheap checks only: missing file, bad JSON
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 1 and "skipped 2 of 7 clips" in out and "line 4" in out and "line 5" in out
+    # the loader with skip_bad probes decoding too, so corrupt videos and bad masks drop out up front
+    loader = ClipLoader(p, batch_size=3, frames=3, height=16, width=16, skip_bad=True)
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 1 and "skipped 4 of 7 clips" in out
+    assert all(f"line {i}" in out for i in (4, 5, 6, 7)) and "garbage.mp4" in out and "short.npz" in out
+    assert len(loader.records) == 3 and next(iter(loader))['video'].shape == (3, 3, 3, 16, 16)
+    # without skip_bad, the load-time error surfaces from the loader with its message intact
+    p2 = _bad_manifest(shapes, 'corrupt2.jsonl', bad[2])
+    with pytest.raises(ValueError, match=r"corrupt2\.jsonl line 2: video .*garbage\.mp4"):
+        for _ in ClipLoader(p2, batch_size=1, frames=3, height=16, width=16, seed=0):
+            pass
+    with pytest.raises(ValueError, match=r"has 2 usable clips, fewer than world_size\*batch_size = 2\*2 = 4"):
+        ClipLoader(p2, batch_size=2, frames=3, height=16, width=16, world_size=2)
+
+def _take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+def test_loader_ranks_are_disjoint_and_equal(shapes):
+    kw = dict(batch_size=2, frames=3, height=16, width=16, world_size=2, seed=3)
+    r0, r1 = (ClipLoader(shapes / 'uniq.jsonl', rank=r, **kw) for r in (0, 1))
+    assert r0.batches_per_epoch == r1.batches_per_epoch == 2
+    b0, b1 = _take(r0, 2), _take(r1, 2)
+    c0 = [c for b in b0 for c in b['caption']]
+    c1 = [c for b in b1 for c in b['caption']]
+    assert len(set(c0)) == len(set(c1)) == 4 and not set(c0) & set(c1)
+    assert r0.state_dict() == r1.state_dict() == {'epoch': 1, 'step': 0}
+    b = b0[0]
+    assert b['video'].shape == (2, 3, 3, 16, 16) and len(b['masks']) == 2
+    assert all(m.shape[1:] == (3, 16, 16) and m.shape[0] == len(e) for m, e in zip(b['masks'], b['entity_captions']))
+    # 7 clips over 2 ranks: shares truncated to 3 each -> still the same number of batches
+    lines = (shapes / 'uniq.jsonl').read_text().splitlines()[:7]
+    (shapes / 'seven.jsonl').write_text("\n".join(lines) + "\n")
+    kw['batch_size'] = 1
+    assert [ClipLoader(shapes / 'seven.jsonl', rank=r, **kw).batches_per_epoch for r in (0, 1)] == [3, 3]
+
+def test_loader_resume_and_workers(shapes):
+    kw = dict(batch_size=3, frames=3, height=16, width=16, seed=5)
+    ref_loader = ClipLoader(shapes / 'uniq.jsonl', **kw)
+    assert ref_loader.batches_per_epoch == 2
+    ref, states, it = [], [], iter(ref_loader)
+    for _ in range(6):
+        ref.append(next(it))
+        states.append(ref_loader.state_dict())
+    assert states[2] == {'epoch': 1, 'step': 1}
+    # epochs reshuffle, and temporal offsets are drawn (not every clip starts at frame 0)
+    assert ref[0]['caption'] + ref[1]['caption'] != ref[2]['caption'] + ref[3]['caption']
+    recs = {r['caption']: r for r in ref_loader.records}
+    at0 = [torch.equal(v, load_clip(recs[c], 3, 16, 16)['video']) for b in ref for v, c in zip(b['video'], b['caption'])]
+    assert not all(at0)
+    for taken in (1, 3):  # after 1 batch the next two cross into epoch 1; after 3 we are mid-epoch 1
+        fresh = ClipLoader(shapes / 'uniq.jsonl', **kw)
+        fresh.load_state_dict(states[taken - 1])
+        for got, want in zip(_take(fresh, 2), ref[taken:taken + 2]):
+            assert torch.equal(got['video'], want['video']) and got['caption'] == want['caption']
+            assert all(torch.equal(a, b) for a, b in zip(got['masks'], want['masks']))
+    # worker processes give identical batches (offsets do not depend on who loads the clip)
+    par = ClipLoader(shapes / 'uniq.jsonl', num_workers=2, **kw)
+    par.load_state_dict(states[0])
+    got = _take(par, 3)
+    assert par.state_dict() == states[3]
+    for g, w in zip(got, ref[1:4]):
+        assert torch.equal(g['video'], w['video']) and g['caption'] == w['caption']
+
+def test_write_video_roundtrip(tmp_path):
+    # a smooth gradient survives crf-10 x264 nearly intact; frame count, size and value range must too
+    y, x = torch.meshgrid(torch.linspace(-0.8, 0.8, 24), torch.linspace(-0.8, 0.8, 40), indexing='ij')
+    video = torch.stack([torch.stack([x, y, (x + y) / 2 * (1 - t / 5)]) for t in range(5)], 1)  # [3, 5, 24, 40]
+    write_video(str(tmp_path / 'v.mp4'), video, fps=8)
+    assert os.listdir(tmp_path) == ['v.mp4']  # the temp file was renamed away
+    back = torch.from_numpy(_decode(tmp_path / 'v.mp4')).permute(3, 0, 1, 2).float() / 127.5 - 1
+    assert back.shape == video.shape
+    assert (back - video).abs().mean() < 0.03
+
+
+# ---------------------------------------------------------------------------------------------- training and sampling
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+    """A toy set of 8 clips at 32x32 and a 60-iteration debug run on it."""
+    root = tmp_path_factory.mktemp('run')
+    make_shapes(root / 'data', n_train=8, n_val=2, frames=17, size=32, fps=8, seed=0)
+    args = [f'--data={root}/data/train.jsonl', '--frames=9', '--height=32', '--width=32', '--batch_size=4',
+            '--log_interval=1', '--warmup_iters=5']
+    r = run('train_dit.py', *args, f'--out_dir={root}/a', '--max_iters=60', '--ckpt_interval=1000')
+    assert r.returncode == 0, r.stderr
+    return root, args, r.stdout
+
+
+def losses(log):
+    return {int(line.split()[1][:-1]): float(line.split()[3][:-1]) for line in log.splitlines() if line.startswith('iter ')}
+
+
+def test_training_lowers_the_loss(tiny_run):
+    root, _, log = tiny_run
+    loss = losses(log)
+    first, last = [loss[i] for i in range(1, 11)], [loss[i] for i in range(51, 61)]
+    print(f'loss first 10 iters {sum(first) / 10:.4f}, last 10 iters {sum(last) / 10:.4f}')
+    assert sum(last) < 0.85 * sum(first)
+    assert json.load(open(root / 'a' / 'config.json'))['max_iters'] == 60
+
+
+def test_resume_continues_exactly(tiny_run):
+    root, args, _ = tiny_run
+    full = run('train_dit.py', *args, f'--out_dir={root}/full', '--max_iters=5')
+    half = run('train_dit.py', *args, f'--out_dir={root}/half', '--max_iters=3')
+    rest = run('train_dit.py', *args, f'--out_dir={root}/half', '--max_iters=5', '--init_from=resume')
+    assert full.returncode == half.returncode == rest.returncode == 0, rest.stderr
+    assert sorted(losses(rest.stdout)) == [4, 5]  # 2 batches per epoch: iteration 5 is in a new epoch
+    assert losses(rest.stdout)[4] == losses(full.stdout)[4] and losses(rest.stdout)[5] == losses(full.stdout)[5]
+    a = torch.load(root / 'full' / 'ckpt.pt', weights_only=False)
+    b = torch.load(root / 'half' / 'ckpt.pt', weights_only=False)
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    assert a['loader'] == b['loader'] and torch.equal(a['rng'], b['rng'])
+
+
+def test_sample_writes_a_video(tiny_run):
+    import decord
+    root, _, _ = tiny_run
+    r = run('sample.py', f'--out_dir={root}/a', '--steps=4', f'--out={root}/s.mp4')
+    assert r.returncode == 0, r.stderr
+    vr = decord.VideoReader(str(root / 's.mp4'))
+    assert (len(vr), *vr[0].shape) == (9, 32, 32, 3)
+    assert abs(vr.get_avg_fps() - 4) < 1e-3  # 8 fps source, every 2nd frame
+    r = run('sample.py', f'--out_dir={root}/nothing')
+    assert r.returncode != 0 and 'train first' in r.stderr

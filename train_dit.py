@@ -32,7 +32,7 @@ frames = 17                    # pixel frames per clip, 1 + 4k
 height = 64                    # clip height after resize and centre crop
 width = 64                     # clip width after resize and centre crop
 frame_stride = 2               # take every n-th frame of the source clip
-max_iters = 500                # total training iterations
+max_iters = 400                # total training iterations
 learning_rate = 2e-3           # peak AdamW learning rate (constant after warmup)
 warmup_iters = 50              # linear learning-rate warmup
 weight_decay = 0.0             # AdamW weight decay
@@ -41,7 +41,7 @@ t_range = (0.0, 1.0)           # sigma range after the shift, e.g. (0.875, 1.0) 
 shift = 1.0                    # sigma = shift*u / (1 + (shift-1)*u) for u uniform in the range
 caption_dropout = 0.1          # share of empty captions, so that classifier-free guidance works
 log_interval = 25              # iterations between log lines (the loss is their mean)
-ckpt_interval = 250            # iterations between checkpoints (one is always written at the end)
+ckpt_interval = 200            # iterations between checkpoints (one is always written at the end)
 init_from = 'scratch'          # scratch | resume (out_dir/ckpt.pt) | a run folder to start from its weights
 skip_bad = False               # skip unreadable clips (counted and reported) instead of stopping
 num_workers = 0                # data loader worker processes
@@ -121,8 +121,8 @@ def main():
             x0 = codec.encode(batch['video'].to(dev))
             captions = [c if keep else '' for c, keep in
                         zip(batch['caption'], torch.rand(len(batch['caption']), generator=gen, device=dev) >= caption_dropout)]
-            ids, mask = tok(captions)
-            context = encode(t5, ids.to(dev), mask.to(dev))
+            ids, mask = tok(captions, dit.text_len)
+            context = encode(t5, ids.to(dev), mask.to(dev), dit.text_len)
             u = u_lo + (u_hi - u_lo) * torch.rand(x0.shape[0], generator=gen, device=dev)
             sigma = shifted(u, shift).view(-1, 1, 1, 1, 1)
             noise = torch.randn(x0.shape, generator=gen, device=dev)

@@ -1,0 +1,361 @@
+"""
+Video-clip data: a JSONL manifest reader, a clip decoder (decord), a synthetic
+"moving shapes" dataset for smoke tests and small runs, and a resumable,
+rank-sharded loader. Manifest lines look like:
+{"video": "clips/0001.mp4", "caption": "...", "entities": [{"caption": "a red cube",
+ "mask": "masks/0001_cube.npz"}], "background": "a grey floor", "text_embedding": "emb/0001.npy"}
+Paths are relative to the manifest's folder; masks are npz files holding `mask` [T, H, W].
+"""
+import os
+import json
+import shutil
+import zipfile
+from fractions import Fraction
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# manifest
+
+def _where(rec):
+    return f"{rec.get('manifest', '<record>')} line {rec.get('line', '?')}"
+
+def _probe(rec, min_frames):
+    """Open the video and read mask headers; raise the same ValueErrors load_clip would."""
+    n = len(_open_video(rec))
+    if n < min_frames:
+        raise ValueError(f"{_where(rec)}: video {rec['video']} has {n} frames, fewer than the {min_frames} "
+                         f"needed (lower --frames/--stride, or pass --skip_bad=True)")
+    for e in rec['entities']:
+        _load_mask(rec, e['mask'], n, header_only=True)
+
+def _parse_line(line, folder):
+    d = json.loads(line)  # JSONDecodeError is a ValueError: reported with the line number below
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a JSON object, got {type(d).__name__}")
+    for key in ('video', 'caption'):
+        if key not in d:
+            raise ValueError(f"missing required key '{key}' (add it to the record)")
+    def path(p, what):
+        full = os.path.normpath(os.path.join(folder, p))
+        if not os.path.isfile(full):
+            raise ValueError(f"{what} {p} not found (fix the path or pass --skip_bad=True)")
+        return full
+    rec = dict(d, video=path(d['video'], 'video'), background=d.get('background') or '')
+    rec['entities'] = []
+    for i, e in enumerate(d.get('entities') or []):
+        if not isinstance(e, dict) or 'caption' not in e or 'mask' not in e:
+            raise ValueError(f"entity {i} needs keys 'caption' and 'mask' (fix the record or pass --skip_bad=True)")
+        rec['entities'].append(dict(caption=e['caption'], mask=path(e['mask'], 'mask')))
+    if d.get('text_embedding'):
+        rec['text_embedding'] = path(d['text_embedding'], 'text_embedding')
+    return rec
+
+def read_manifest(path, skip_bad=False, min_frames=None):
+    """Parse a JSONL manifest into records with absolute paths plus 'manifest' and 'line'
+    (1-based) so later errors can point at the source line. With min_frames set, every clip
+    is also probed (video opens, has >= min_frames frames, masks match its frame count)."""
+    path = str(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    recs, bad, total = [], [], 0
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            total += 1
+            try:
+                rec = dict(_parse_line(line, folder), manifest=path, line=lineno)
+                if min_frames is not None:
+                    _probe(rec, min_frames)  # its messages already start with "<path> line <n>:"
+                recs.append(rec)
+                continue
+            except json.JSONDecodeError as err:  # a ValueError subclass: must come first
+                msg = f"{path} line {lineno}: malformed JSON ({err.msg} at column {err.colno}) (fix the line or pass --skip_bad=True)"
+            except ValueError as err:
+                msg = str(err) if str(err).startswith(f"{path} line {lineno}:") else f"{path} line {lineno}: {err}"
+            if not skip_bad:
+                raise ValueError(msg)
+            bad.append(msg[len(path) + 1:])
+    if bad:
+        print(f"skipped {len(bad)} of {total} clips in {path}: " + "; ".join(bad))
+    if not recs:
+        raise ValueError(f"{path}: no usable clips (add records or fix the ones reported above)")
+    return recs
+
+# -----------------------------------------------------------------------------
+# decoding one clip
+
+def _open_video(rec):
+    import decord  # lazy: keeps `import data` cheap for tools that only write videos
+    try:
+        return decord.VideoReader(rec['video'], ctx=decord.cpu(0))
+    except Exception as err:  # decord raises a bare RuntimeError (DECORDError) on bad files
+        raise ValueError(f"{_where(rec)}: video {rec['video']} could not be decoded "
+                         f"({str(err).splitlines()[0][:200]}) (re-encode or remove it, or pass --skip_bad=True)") from None
+
+def _load_mask(rec, path, n, header_only=False):
+    """Mask array [T, H, W] from an npz (or just its shape: reading the .npy header inside
+    the zip lets probing skip decompression); checks T against the video's n frames."""
+    try:
+        if header_only:
+            with zipfile.ZipFile(path) as z, z.open('mask.npy') as f:
+                major, _ = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                m, shape = None, read(f)[0]
+        else:
+            m = np.load(path)['mask']
+            shape = m.shape
+    except (OSError, KeyError, IndexError, ValueError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{_where(rec)}: mask {path} is not an npz with key 'mask' ({err}) "
+                         f"(re-save it with np.savez_compressed(path, mask=m), or pass --skip_bad=True)") from None
+    if len(shape) != 3:
+        raise ValueError(f"{_where(rec)}: mask {path} has shape {tuple(shape)}, expected [T, H, W] "
+                         f"(re-export it with one [H, W] plane per video frame, or pass --skip_bad=True)")
+    if shape[0] != n:
+        raise ValueError(f"{_where(rec)}: mask {path} has {shape[0]} frames but video {rec['video']} has {n} "
+                         f"(re-export the mask with one frame per video frame, or pass --skip_bad=True)")
+    return m
+
+def _resize_crop(x, height, width):
+    """[N, C, h, w] -> [N, C, height, width]: scale so the short side covers, centre crop.
+    Bilinear with antialias averages over the footprint when shrinking, so binary masks
+    become soft coverage fractions and thin shapes do not alias away."""
+    h, w = x.shape[-2:]
+    s = max(height / h, width / w)
+    nh, nw = max(height, round(h * s)), max(width, round(w * s))
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode='bilinear', antialias=True, align_corners=False)
+    top, left = (nh - height) // 2, (nw - width) // 2
+    return x[..., top:top + height, left:left + width]
+
+def load_clip(rec, frames, height, width, stride=1, start=0):
+    """Decode frames start, start+stride, ... (`frames` of them) of one manifest record.
+    `start` may also be a callable max_start -> start (the loader draws offsets that way,
+    once the clip length is known). Returns video [3,T,H,W] in [-1,1], masks [K,T,H,W] in [0,1]."""
+    vr = _open_video(rec)
+    n = len(vr)
+    if callable(start):
+        start = start(max(n - (frames - 1) * stride - 1, 0))
+    need = start + (frames - 1) * stride + 1
+    if n < need:
+        raise ValueError(f"{_where(rec)}: video {rec['video']} has {n} frames, fewer than the {need} needed "
+                         f"for frames={frames} stride={stride} start={start} (lower --frames/--stride, or pass --skip_bad=True)")
+    idx = list(range(start, need, stride))
+    try:
+        x = torch.from_numpy(vr.get_batch(idx).asnumpy())  # [T, h, w, 3] uint8
+    except Exception as err:
+        raise ValueError(f"{_where(rec)}: video {rec['video']} failed to decode frames {idx[0]}..{idx[-1]} "
+                         f"({str(err).splitlines()[0][:200]}) (re-encode or remove it, or pass --skip_bad=True)") from None
+    x = _resize_crop(x.permute(0, 3, 1, 2), height, width)  # resize in uint8: 4x less memory than float
+    video = (x.float() / 127.5 - 1).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
+    masks = []
+    for e in rec['entities']:
+        m = _load_mask(rec, e['mask'], n)[idx].astype(np.float32)
+        m = torch.from_numpy(m)[:, None]  # one entity at a time bounds memory
+        masks.append(_resize_crop(m, height, width)[:, 0].clamp(0, 1))
+    masks = torch.stack(masks) if masks else torch.zeros(0, frames, height, width)
+    return dict(video=video, masks=masks, caption=rec['caption'], background=rec['background'],
+                entity_captions=[e['caption'] for e in rec['entities']])
+
+# -----------------------------------------------------------------------------
+# writing videos
+
+def _encode(path, frames, fps, crf=10):
+    """frames: uint8 [T, H, W, 3]. Writes to a temp name, then renames, so a crash never
+    leaves a truncated mp4 under the final name."""
+    import av
+    frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)), mode='edge')  # yuv420p needs even sides
+    tmp = f"{path}.tmp{os.getpid()}"
+    with av.open(tmp, 'w', format='mp4') as c:
+        s = c.add_stream('libx264', rate=Fraction(fps).limit_denominator(1001))
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], 'yuv420p'
+        s.options = {'crf': str(crf), 'preset': 'fast'}
+        for f in frames:
+            c.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format='rgb24')))
+        c.mux(s.encode())
+    os.replace(tmp, path)
+
+def write_video(path, video, fps):
+    """video: tensor [3, T, H, W] in [-1, 1] -> mp4 (libx264, yuv420p)."""
+    x = ((video.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    _encode(path, x.permute(1, 2, 3, 0).numpy(), fps)
+
+# -----------------------------------------------------------------------------
+# synthetic dataset: coloured shapes moving in straight lines over a grey texture
+
+COLOURS = dict(red=(220, 40, 40), green=(40, 170, 60), blue=(40, 90, 230),
+               yellow=(235, 210, 40), purple=(150, 60, 200), orange=(245, 140, 30))
+MOVES = dict(left=(-1, 0), right=(1, 0), up=(0, -1), down=(0, 1))
+SHAPES = ('circle', 'square', 'triangle')
+
+def _background(rng, size):
+    yy, xx = np.mgrid[:size, :size]
+    tone, lo = [('dark', 60), ('light', 140)][rng.integers(2)]
+    lo = lo + rng.integers(0, 30)
+    cell = max(2, int(size * rng.uniform(0.04, 0.12)))
+    kind = rng.choice(['checkered floor', 'striped wall', 'speckled floor'])
+    if kind == 'checkered floor':
+        pat = ((yy // cell + xx // cell) % 2).astype(np.float32)
+    elif kind == 'striped wall':
+        pat = ((yy if rng.integers(2) else xx) // cell % 2).astype(np.float32)
+    else:
+        k = max(2, size // cell)
+        pat = rng.random((k, k)).astype(np.float32)[yy * k // size, xx * k // size]
+    img = (lo + pat * rng.uniform(20, 40)).round().astype(np.uint8)
+    return np.repeat(img[..., None], 3, -1), f"a {tone} grey {kind}"
+
+def _render(rng, frames, size):
+    """-> (video uint8 [T,S,S,3], visible masks [K,T,S,S] uint8, entity captions, motions, bg caption)"""
+    bg, bg_caption = _background(rng, size)
+    c = np.arange(size) + 0.5  # pixel centres, so masks are exactly the painted pixels
+    t = np.linspace(0, 1, frames)[:, None, None]
+    k = rng.integers(1, 4)
+    colours = rng.choice(list(COLOURS), k, replace=False)  # distinct colours keep captions unambiguous
+    video = np.broadcast_to(bg, (frames, size, size, 3)).copy()
+    inside, ents, moves = [], [], []
+    for colour in colours:
+        shape, move = rng.choice(SHAPES), rng.choice(list(MOVES))
+        r = rng.uniform(0.08, 0.16) * size
+        room = size - 2 * r
+        travel = rng.uniform(0.4, 0.9) * room  # straight line that stays inside the frame: caption stays true
+        along = r + rng.uniform(0, room - travel) + travel * t
+        dx, dy = MOVES[move]
+        if dx + dy < 0:
+            along = size - along
+        across = rng.uniform(r, size - r)
+        cx, cy = (along, across) if dx else (across, along)
+        X, Y = c[None, None, :] - cx, c[None, :, None] - cy
+        if shape == 'circle':
+            m = X ** 2 + Y ** 2 <= r ** 2
+        elif shape == 'square':
+            m = (np.abs(X) <= r * 0.85) & (np.abs(Y) <= r * 0.85)
+        else:  # upward triangle: apex at (0, -r), base at y = +r
+            m = (Y <= r) & (np.abs(X) <= (Y + r) / 2)
+        video[m] = COLOURS[colour]
+        inside.append(m)
+        ents.append(f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape}")
+        moves.append(move)
+    covered, masks = np.zeros_like(inside[0]), [None] * k
+    for i in reversed(range(k)):  # later shapes are drawn on top: a shape only owns what stays visible
+        masks[i] = (inside[i] & ~covered).astype(np.uint8)
+        covered |= inside[i]
+    return video, np.stack(masks), ents, moves, bg_caption
+
+def make_shapes(root, n_train=64, n_val=8, frames=33, size=128, fps=8, seed=0):
+    """Render a deterministic toy dataset into root (train.jsonl, val.jsonl, clips/, masks/,
+    tokenizer.json, meta.json). train.jsonl is written last: its presence means 'complete'."""
+    from models.t5 import build_tokenizer
+    assert size % 2 == 0, "size must be even for yuv420p"
+    os.makedirs(os.path.join(root, 'clips'), exist_ok=True)
+    os.makedirs(os.path.join(root, 'masks'), exist_ok=True)
+    done = os.path.join(root, 'train.jsonl')
+    if os.path.exists(done):
+        os.remove(done)  # a re-render that gets interrupted must not look finished
+    lines, texts = [], []
+    for i in range(n_train + n_val):
+        rng = np.random.default_rng([seed, i])  # per-clip stream: clip i is the same whatever n_train is
+        video, masks, ents, moves, bg = _render(rng, frames, size)
+        parts = [f"{e} moves {m}" for e, m in zip(ents, moves)]  # "a, b and c over <background>"
+        caption = (", ".join(parts[:-1]) + " and " if len(parts) > 1 else "") + parts[-1] + f" over {bg}"
+        rec = dict(video=f"clips/{i:04d}.mp4", caption=caption, entities=[], background=bg)
+        _encode(os.path.join(root, rec['video']), video, fps)
+        for j, (e, m) in enumerate(zip(ents, masks)):
+            rec['entities'].append(dict(caption=e, mask=f"masks/{i:04d}_{j}.npz"))
+            np.savez_compressed(os.path.join(root, rec['entities'][-1]['mask']), mask=m)
+        lines.append(json.dumps(rec))
+        texts += [rec['caption'], bg] + ents
+    build_tokenizer(list(dict.fromkeys(texts)), os.path.join(root, 'tokenizer.json'))
+    with open(os.path.join(root, 'meta.json'), 'w') as f:
+        json.dump(dict(fps=fps, frames=frames, size=size, n_train=n_train, n_val=n_val, seed=seed), f)
+    for name, part in (('val.jsonl', lines[n_train:]), ('train.jsonl', lines[:n_train])):
+        with open(os.path.join(root, name + '.tmp'), 'w') as f:
+            f.write("\n".join(part) + "\n")
+        os.replace(os.path.join(root, name + '.tmp'), os.path.join(root, name))
+    return done
+
+def ensure_shapes(root='data/shapes'):
+    """Render the default toy set unless root/train.jsonl exists; returns its path. Renders into
+    a private temp folder and renames it, so ranks racing here never write the same files."""
+    train = os.path.join(root, 'train.jsonl')
+    if not os.path.exists(train):
+        if os.path.isdir(root) and os.listdir(root):
+            return make_shapes(root)  # leftovers of an interrupted in-place render: redo in place
+        tmp = f"{os.path.normpath(root)}.tmp{os.getpid()}"
+        make_shapes(tmp)
+        try:
+            os.rename(tmp, root)  # atomic; fails if another process finished first
+        except OSError:
+            if not os.path.exists(train):
+                raise
+            shutil.rmtree(tmp)
+    return train
+
+# -----------------------------------------------------------------------------
+# resumable, rank-sharded loader
+
+class _Clips(torch.utils.data.Dataset):
+    """Indexed by (epoch, clip index); the temporal offset is a pure function of
+    (seed, epoch, index), so batches do not depend on the number of workers."""
+    def __init__(self, recs, frames, height, width, stride, seed):
+        self.records, self.args, self.seed = recs, (frames, height, width, stride), seed
+
+    def __getitem__(self, key):
+        epoch, i = key
+        rng = np.random.default_rng([self.seed, epoch, i])
+        return load_clip(self.records[i], *self.args, start=lambda hi: int(rng.integers(0, hi + 1)))
+
+def _collate(items):
+    return dict(video=torch.stack([x['video'] for x in items]), masks=[x['masks'] for x in items],
+                caption=[x['caption'] for x in items], entity_captions=[x['entity_captions'] for x in items],
+                background=[x['background'] for x in items])
+
+class ClipLoader:
+    """Endless batches for one data-parallel rank. Each epoch is a seeded permutation split
+    into equal disjoint rank shares; (epoch, step) fully determines the next batch, so
+    state_dict/load_state_dict resume exactly. Iterate with one iterator at a time."""
+    def __init__(self, manifest, batch_size, frames, height, width, stride=1,
+                 rank=0, world_size=1, seed=0, skip_bad=False, num_workers=0):
+        assert 0 <= rank < world_size, f"rank {rank} must be in [0, {world_size})"
+        # skip_bad probes every clip up front, so all ranks agree on the clip list and a batch never shrinks
+        need = (frames - 1) * stride + 1
+        self.records = read_manifest(manifest, skip_bad, min_frames=need if skip_bad else None)
+        n = len(self.records)
+        if n < world_size * batch_size:
+            raise ValueError(f"{manifest} has {n} usable clips, fewer than world_size*batch_size = "
+                             f"{world_size}*{batch_size} = {world_size * batch_size} needed for one batch per rank "
+                             f"(add clips or lower --batch_size)")
+        self.per_rank = n // world_size  # equal shares: every rank runs the same number of steps
+        self.batches_per_epoch = self.per_rank // batch_size  # the last incomplete batch is dropped
+        self.bs, self.rank, self.world, self.seed, self.workers = batch_size, rank, world_size, seed, num_workers
+        self.ds = _Clips(self.records, frames, height, width, stride, seed)
+        self.epoch, self.step = 0, 0
+
+    def state_dict(self):
+        return {'epoch': self.epoch, 'step': self.step}  # position of the next batch to yield
+
+    def load_state_dict(self, sd):
+        assert 0 <= sd['step'] < self.batches_per_epoch, f"step {sd['step']} out of range for {self.batches_per_epoch} batches/epoch"
+        self.epoch, self.step = int(sd['epoch']), int(sd['step'])  # takes effect at the next iter()
+
+    def _keys(self):
+        epoch, step = self.epoch, self.step
+        while True:
+            perm = torch.randperm(len(self.records), generator=torch.Generator().manual_seed(self.seed + epoch))
+            share = perm[self.rank::self.world][:self.per_rank].tolist()
+            for s in range(step, self.batches_per_epoch):
+                yield [(epoch, i) for i in share[s * self.bs:(s + 1) * self.bs]]
+            epoch, step = epoch + 1, 0
+
+    def __iter__(self):
+        if self.workers == 0:
+            batches = (_collate([self.ds[k] for k in keys]) for keys in self._keys())
+        else:  # one DataLoader over an endless batch list: workers start once, not every epoch
+            batches = torch.utils.data.DataLoader(self.ds, batch_sampler=self._keys(), num_workers=self.workers,
+                                                  collate_fn=_collate)
+        for batch in batches:
+            self.step += 1
+            if self.step == self.batches_per_epoch:
+                self.epoch, self.step = self.epoch + 1, 0
+            yield batch
