@@ -14,6 +14,7 @@ from models.settings import configure
 from models.t5 import T5Encoder, Tokenizer, build_tokenizer, clean_text, configs as t5_configs, encode, hf_to_official
 from models.vae import PixelCodec
 from models.wan import WanModel, configs as wan_configs
+from models.unipc import UniPC, expert_split
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -497,3 +498,73 @@ def test_sample_writes_a_video(tiny_run):
     assert abs(vr.get_avg_fps() - 4) < 1e-3  # 8 fps source, every 2nd frame
     r = run('sample.py', f'--out_dir={root}/nothing')
     assert r.returncode != 0 and 'train first' in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------- unipc
+
+def official_base_grid(steps):
+    """Official FlowUniPCMultistepScheduler(shift=1).set_timesteps base grid: linspace(sigma_max, sigma_min) taken
+    from its float32 training sigmas 1 - linspace(1, 1/1000, 1000)[::-1]."""
+    train = (1.0 - torch.from_numpy(np.linspace(1, 1 / 1000, 1000)[::-1].copy())).float()
+    return np.linspace(train[0].item(), train[-1].item(), steps + 1)[:-1]
+
+
+def diffusers_unipc(steps, shift):
+    from diffusers import UniPCMultistepScheduler
+    ref = UniPCMultistepScheduler(prediction_type='flow_prediction', use_flow_sigmas=True, num_train_timesteps=1000,
+                                  flow_shift=shift, solver_order=2, solver_type='bh2', predict_x0=True,
+                                  lower_order_final=True, disable_corrector=[], final_sigmas_type='zero')
+    # diffusers' own flow grid is linspace(1, 1/1000)[:-1] (0.001 above the official one, e.g. 40 steps/shift 12
+    # ends ...391 242 instead of ...386 235), so pass the official base grid; diffusers applies flow_shift to it.
+    ref.set_timesteps(sigmas=official_base_grid(steps))
+    ref.set_begin_index(0)  # its timestep lookup would skip sigma[0] if the first timestep repeats
+    return ref
+
+
+@pytest.mark.parametrize('shift,steps', [(1, 3), (5, 10), (5, 40), (5, 50), (12, 10), (12, 40), (12, 50)])
+def test_unipc_schedule_matches_diffusers(shift, steps):
+    ours, ref = UniPC(steps, shift), diffusers_unipc(steps, shift)
+    assert ours.sigmas.dtype == torch.float64 and ours.timesteps.dtype == torch.int64
+    assert len(ours.timesteps) == steps and len(ours.sigmas) == steps + 1 and ours.sigmas[-1] == 0
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    assert torch.allclose(ours.sigmas, ref.sigmas.double(), rtol=0, atol=1e-6)
+    assert torch.equal(ours.sigmas.float(), ref.sigmas)  # diffusers keeps float32 sigmas
+
+
+@pytest.mark.parametrize('shift,steps', [(5, 10), (5, 40), (5, 50), (12, 10), (12, 40), (12, 50)])
+def test_unipc_steps_match_diffusers(shift, steps):
+    ours, ref = UniPC(steps, shift), diffusers_unipc(steps, shift)
+    g = torch.Generator().manual_seed(steps * 100 + shift)
+    x = torch.randn(1, 4, 3, 8, 8, generator=g)
+    y = x.clone()
+    for t in ref.timesteps:
+        v = torch.randn(x.shape, generator=g)  # the same "model output" for both
+        x, y = ours.step(v, x), ref.step(v, t, y).prev_sample
+        assert x.dtype == torch.float32
+        assert (x - y).abs().max() <= 1e-5 * y.abs().max(), int(t)
+    with pytest.raises(IndexError):
+        ours.step(v, x)
+
+
+def test_unipc_wan22_timesteps_and_expert_split():
+    t2v = UniPC(40, 12).timesteps
+    assert t2v.tolist() == [999, 997, 995, 993, 990, 988, 985, 982, 979, 976, 972, 969, 965, 961, 956, 952, 947, 941,
+                            936, 929, 922, 915, 907, 898, 888, 877, 865, 852, 837, 819, 799, 776, 749, 717, 678, 631,
+                            571, 492, 386, 235]
+    assert expert_split(t2v, 0.875) == 26  # T2V-A14B: 26 high-noise + 14 low-noise steps
+    i2v = UniPC(40, 5).timesteps
+    assert expert_split(i2v, 0.9) == 15 and i2v[14] == 902 and i2v[15] < 900  # I2V-A14B: 15 high + 25 low
+    ti2v = UniPC(50, 5).timesteps
+    assert ti2v[:3].tolist() == [999, 995, 991] and ti2v[-3:].tolist() == [241, 172, 92]
+    assert expert_split(torch.tensor([901, 900, 899]), 0.9) == 2  # official: t >= boundary goes to the high expert
+
+
+@pytest.mark.parametrize('shift,steps', [(5, 10), (12, 40)])
+def test_unipc_straight_flow_lands_on_x0(shift, steps):
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(2, 4, 3, 8, 8, generator=g).unbind(0)
+    solver = UniPC(steps, shift)
+    x = (1 - solver.sigmas[0].float()) * x0 + solver.sigmas[0].float() * eps  # x_t at the first sigma
+    for _ in solver.timesteps:
+        x = solver.step(eps - x0, x)  # the exact, constant velocity of the straight path
+    assert (x - x0).abs().max() <= 1e-5
