@@ -1,6 +1,8 @@
 """Tests: python -m pytest -q test_sara.py (CPU, a few minutes on 2 cores)."""
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 
@@ -12,9 +14,10 @@ from data import COLOURS, ClipLoader, load_clip, make_shapes, read_manifest, wri
 from models.checkpoint import DIT_FROM_DIFFUSERS, load_state_dict, rename
 from models.settings import configure
 from models.t5 import T5Encoder, Tokenizer, build_tokenizer, clean_text, configs as t5_configs, encode, hf_to_official
-from models.vae import PixelCodec
-from models.wan import WanModel, configs as wan_configs
 from models.unipc import UniPC, expert_split
+from models.vae import PixelCodec
+from models.vjepa import VJEPA, configs as vjepa_configs, load_vjepa, preprocess, rope_apply, rope_tables
+from models.wan import WanModel, configs as wan_configs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -568,3 +571,296 @@ def test_unipc_straight_flow_lands_on_x0(shift, steps):
     for _ in solver.timesteps:
         x = solver.step(eps - x0, x)  # the exact, constant velocity of the straight path
     assert (x - x0).abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- V-JEPA
+
+def randomise(model, seed=0):
+    """Every parameter random, norms and modality vectors included, at scales that keep activations O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if 'mod_embed' in name:
+                p.copy_(0.5 * r)
+            elif p.ndim >= 2:
+                p.copy_(r / p[0].numel() ** 0.5)
+            else:
+                p.copy_(1 + 0.2 * r if name.endswith('weight') else 0.2 * r)
+    return model
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+# ------------------------------------------------------------------ V-JEPA 2 against transformers VJEPA2Model
+
+def hf_to_official(sd):
+    """transformers VJEPA2Model encoder weights -> the official layout, as in the released .pt files."""
+    out = {}
+    for k, v in sd.items():
+        if not k.startswith('encoder.'):
+            continue  # the predictor
+        k = re.sub(r'^encoder\.', '', k)
+        k = re.sub(r'^embeddings\.patch_embeddings\.proj\.', 'patch_embed.proj.', k)
+        k = re.sub(r'^layernorm\.', 'norm.', k)
+        k = re.sub(r'^layer\.(\d+)\.attention\.', r'blocks.\1.attn.', k)
+        k = re.sub(r'^layer\.(\d+)\.', r'blocks.\1.', k)
+        out[k] = v
+    for k in [k for k in out if '.attn.query.' in k]:  # fuse q, k, v rows into qkv
+        out[k.replace('.query.', '.qkv.')] = torch.cat([out.pop(k.replace('.query.', f'.{n}.'))
+                                                        for n in ('query', 'key', 'value')])
+    return {'module.backbone.' + k: v for k, v in out.items()}
+
+
+@pytest.fixture(scope='module')
+def hf_vjepa2():
+    transformers = pytest.importorskip('transformers')
+    c = vjepa_configs['debug']
+    config = transformers.VJEPA2Config(
+        hidden_size=c['dim'], num_hidden_layers=c['depth'], num_attention_heads=c['heads'],
+        mlp_ratio=c['mlp'] / c['dim'], crop_size=c['res'], frames_per_clip=8, tubelet_size=2, patch_size=16,
+        pred_hidden_size=32, pred_num_hidden_layers=1, pred_num_attention_heads=2, attn_implementation='eager')
+    return randomise(transformers.VJEPA2Model(config).eval(), seed=1)
+
+
+def test_vjepa2_matches_transformers(hf_vjepa2, tmp_path):
+    sd = hf_to_official(hf_vjepa2.state_dict())
+    assert len(sd) == 2 + 12 * 2 + 2 and all(k.startswith('module.backbone.') for k in sd)
+    other = {k: v * 1.5 if k.endswith('qkv.weight') else v for k, v in sd.items()}
+    path = tmp_path / 'vjepa2.pt'
+    torch.save({'encoder': other, 'target_encoder': {**sd, 'module.backbone.pos_embed': torch.zeros(1, 64, 128)},
+                'epoch': 7, 'lr': 1e-4}, path)
+    x = torch.randn(2, 3, 8, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf_vjepa2(pixel_values_videos=x.transpose(1, 2), skip_predictor=True).last_hidden_state  # [B, T, C, H, W]
+        model = load_vjepa(str(path), 'debug')  # default sub-dict: target_encoder; prefixes and pos_embed dropped
+        out = model(x)
+        assert out.shape == ref.shape == (2, 4 * 4 * 4, 128)
+        err = rel_err(out, ref)
+        assert err < 2e-5, err
+        assert not any(p.requires_grad for p in model.parameters())
+        # the `encoder` sub-dict is a different model; a V2 file with only `encoder` falls back to it
+        assert rel_err(load_vjepa(str(path), 'debug', key='encoder')(x), ref) > 1e-2
+        flat = tmp_path / 'flat.pt'
+        torch.save({'encoder': sd}, flat)
+        assert rel_err(load_vjepa(str(flat), 'debug')(x), ref) < 2e-5
+        torch.save(sd, flat)  # a bare state dict
+        assert rel_err(load_vjepa(str(flat), 'debug')(x), ref) < 2e-5
+
+
+# ------------------------------------------------------------------ RoPE and 2.1 against the fact-sheet formulas
+
+def direct_rope(grid, head_dim, version):
+    """reference/vjepa.md 1.3, written out channel by channel in float64."""
+    T, H, W = grid
+    s = 2 * ((head_dim // 3) // 2)
+    N = T * H * W
+    cos, sin = torch.ones(N, head_dim, dtype=torch.float64), torch.zeros(N, head_dim, dtype=torch.float64)
+    for n in range(N):
+        t, h, w = n // (H * W), (n % (H * W)) // W, n % W
+        if version == 2.1:
+            h = h * (16 - 1) / (H - 1) if H > 1 else 0.0
+            w = w * (16 - 1) / (W - 1) if W > 1 else 0.0
+        for axis, pos in enumerate((t, h, w)):
+            for j in range(s):
+                k = j // 2 if version == 2.1 else j % (s // 2)
+                a = pos / 10000 ** (k / (s / 2))
+                cos[n, axis * s + j], sin[n, axis * s + j] = math.cos(a), math.sin(a)
+    return cos, sin
+
+
+def direct_rotate(x, cos, sin):
+    rot = torch.empty_like(x)
+    rot[..., 0::2], rot[..., 1::2] = -x[..., 1::2], x[..., 0::2]
+    return x * cos + rot * sin
+
+
+@pytest.mark.parametrize('version', [2, 2.1])
+@pytest.mark.parametrize('head_dim', [64, 80])
+def test_rope_tables_and_rotation_match_formulas(version, head_dim):
+    g = torch.Generator().manual_seed(0)
+    for grid in [(3, 4, 6), (2, 1, 5)]:  # non-square, and a 1-row grid (the 2.1 rescale must not divide by zero)
+        cos, sin = rope_tables(grid, head_dim, version, torch.device('cpu'))
+        dcos, dsin = direct_rope(grid, head_dim, version)
+        assert cos.dtype == torch.float32 and torch.isfinite(cos).all()
+        assert (cos.double() - dcos).abs().max() < 1e-6 and (sin.double() - dsin).abs().max() < 1e-6
+        q = torch.randn(2, 3, math.prod(grid), head_dim, generator=g)
+        assert (rope_apply(q, cos, sin).double() - direct_rotate(q.double(), dcos, dsin)).abs().max() < 1e-5
+    # the two layouts really differ (a swapped layout would fail the check above)
+    other = direct_rope((3, 4, 6), head_dim, 2.1 if version == 2 else 2)[0]
+    assert (rope_tables((3, 4, 6), head_dim, version, torch.device('cpu'))[0].double() - other).abs().max() > 0.1
+
+
+def ln(x, w, b):
+    mu = x.mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt((x - mu).pow(2).mean(-1, keepdim=True) + 1e-6) * w + b
+
+
+def direct_block(sd, p, x, heads, cos, sin):
+    B, N, D = x.shape
+    hd = D // heads
+    y = ln(x, sd[p + 'norm1.weight'], sd[p + 'norm1.bias'])
+    qkv = y @ sd[p + 'attn.qkv.weight'].T + sd[p + 'attn.qkv.bias']
+    q, k, v = (qkv[..., i * D:(i + 1) * D].reshape(B, N, heads, hd).transpose(1, 2) for i in range(3))
+    q, k = direct_rotate(q, cos, sin), direct_rotate(k, cos, sin)
+    a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), dim=-1) @ v
+    x = x + a.transpose(1, 2).reshape(B, N, D) @ sd[p + 'attn.proj.weight'].T + sd[p + 'attn.proj.bias']
+    y = ln(x, sd[p + 'norm2.weight'], sd[p + 'norm2.bias']) @ sd[p + 'mlp.fc1.weight'].T + sd[p + 'mlp.fc1.bias']
+    y = 0.5 * y * (1 + torch.erf(y / math.sqrt(2)))
+    return x + y @ sd[p + 'mlp.fc2.weight'].T + sd[p + 'mlp.fc2.bias']
+
+
+def direct_vjepa21(model, x, heads, depth):
+    """The 2.1 encoder from the fact sheet: tubelet (or image) patches, modality vector, blocks, norms_block[3]."""
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    B, C, T, H, W = x.shape
+    image = T == 1
+    kt = 1 if image else 2
+    grid = (T // kt, H // 16, W // 16)
+    patches = x.double().reshape(B, C, grid[0], kt, grid[1], 16, grid[2], 16).permute(0, 2, 4, 6, 1, 3, 5, 7)
+    pe = 'patch_embed_img.proj.' if image else 'patch_embed.proj.'
+    w = sd[pe + 'weight']
+    h = patches.reshape(B, math.prod(grid), -1) @ w.reshape(w.shape[0], -1).T + sd[pe + 'bias']
+    h = h + sd['img_mod_embed' if image else 'video_mod_embed'][0]
+    cos, sin = direct_rope(grid, w.shape[0] // heads, 2.1)
+    for i in range(depth):
+        h = direct_block(sd, f'blocks.{i}.', h, heads, cos, sin)
+    return ln(h, sd['norms_block.3.weight'], sd['norms_block.3.bias'])
+
+
+def test_vjepa21_block_and_forward_match_formulas():
+    c = vjepa_configs['vjepa2.1-debug']
+    model = randomise(VJEPA(**c), seed=2).eval()
+    g = torch.Generator().manual_seed(3)
+    video = torch.randn(2, 3, 4, 48, 80, generator=g)  # a 2 x 3 x 5 token grid
+    image = torch.randn(2, 3, 1, 48, 80, generator=g)
+    with torch.no_grad():
+        x = torch.randn(2, 15, c['dim'], generator=g)
+        out = model.blocks[0](x, *rope_tables((1, 3, 5), 64, 2.1, torch.device('cpu')))
+        ref = direct_block({k: v.double() for k, v in model.state_dict().items()}, 'blocks.0.', x.double(), c['heads'],
+                           *direct_rope((1, 3, 5), 64, 2.1))
+        assert rel_err(out, ref) < 1e-5
+        x = 0.01 * x  # a small residual stream, where LayerNorm's eps (1e-6, not torch's 1e-5) shows
+        out = model.blocks[0](x, *rope_tables((1, 3, 5), 64, 2.1, torch.device('cpu')))
+        ref = direct_block({k: v.double() for k, v in model.state_dict().items()}, 'blocks.0.', x.double(), c['heads'],
+                           *direct_rope((1, 3, 5), 64, 2.1))
+        assert rel_err(out, ref) < 1e-5
+        assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-6}
+        assert model.token_grid(4, 48, 80) == (2, 3, 5) and model.token_grid(1, 48, 80) == (1, 3, 5)
+        out = model(video)
+        assert out.shape == (2, 30, c['dim'])
+        assert rel_err(out, direct_vjepa21(model, video, c['heads'], c['depth'])) < 1e-5
+        out = model(image)  # the image path: patch_embed_img + img_mod_embed
+        assert out.shape == (2, 15, c['dim'])
+        assert rel_err(out, direct_vjepa21(model, image, c['heads'], c['depth'])) < 1e-5
+        # the image path is not the video path on a repeated frame
+        assert rel_err(model(image.repeat(1, 1, 2, 1, 1)), out) > 1e-2
+    with pytest.raises(ValueError, match='even frame count'):
+        VJEPA(**vjepa_configs['debug']).token_grid(1, 48, 80)  # V2 has no image path
+    with pytest.raises(ValueError, match='divisible by 16'):
+        model.token_grid(4, 40, 80)
+
+
+# ------------------------------------------------------------------ loading: refusals and reports
+
+def save(path, obj):
+    torch.save(obj, path)
+    return str(path)
+
+
+def test_load_refuses_wrong_variant_heads_and_keys(tmp_path):
+    # a real g-shaped qkv (zero-stride, so it costs nothing) named as a variant with other dims
+    g_qkv = torch.zeros(()).expand(3 * 1408, 1408)
+    path = save(tmp_path / 'vitg.pt', {'target_encoder': {'module.backbone.blocks.0.attn.qkv.weight': g_qkv}})
+    for name, want in [('vith', (3840, 1280)), ('vjepa2.1-vitG', (4992, 1664))]:
+        with pytest.raises(ValueError) as e:
+            load_vjepa(path, name)
+        msg = str(e.value)
+        assert path in msg and 'blocks.0.attn.qkv.weight' in msg and '(4224, 1408)' in msg and str(want) in msg
+        assert 'of that width: vitg, vitg-384, vjepa2.1-vitg)' in msg
+    # the same check at tiny size: a checkpoint whose width implies head_dim 48 for the 2 heads of 'debug' (64)
+    wide = VJEPA(dim=96, depth=2, heads=2, mlp=512).state_dict()
+    path = save(tmp_path / 'wide.pt', {'target_encoder': {'module.backbone.' + k: v for k, v in wide.items()}})
+    with pytest.raises(ValueError, match=r'\(288, 96\) but .debug. needs \(384, 128\).*head_dim 48'):
+        load_vjepa(path, 'debug')
+    # heads cannot be read from shapes: an explicit head count other than the variant's is refused
+    with pytest.raises(ValueError, match=r"'vitg' has 22 heads, not heads=16"):
+        load_vjepa(path, 'vitg', heads=16)
+    with pytest.raises(ValueError, match=r"'vjepa2.1-vitG' has 26 heads, not heads=16"):
+        load_vjepa(path, 'vjepa2.1-vitG', heads=16)
+    with pytest.raises(ValueError, match=r"unknown V-JEPA variant 'vit-l'; known: vitl, vith"):
+        load_vjepa(path, 'vit-l')
+    # wrong or missing sub-dict: named, with what the file has
+    good = {'module.backbone.' + k: v for k, v in VJEPA(**vjepa_configs['debug']).state_dict().items()}
+    path = save(tmp_path / 'v2.pt', {'encoder': good, 'epoch': 1})
+    with pytest.raises(ValueError, match=r"v2.pt has no 'ema_encoder' entry \(it has 'encoder', 'epoch'\); pass key="):
+        load_vjepa(path, 'debug', key='ema_encoder')
+    with pytest.raises(ValueError, match=r"has no 'ema_encoder' entry"):  # the 2.1 B/L default
+        load_vjepa(path, 'vjepa2.1-vitb')
+    with pytest.raises(ValueError, match=r"has no 'target_encoder' entry"):  # 2.1 g/G: no fallback to `encoder`
+        load_vjepa(path, 'vjepa2.1-vitg')
+    # strict: missing and unexpected keys by name (a V2 checkpoint loaded as 2.1)
+    with pytest.raises(ValueError, match=r'missing: .*norms_block.0.weight.*unexpected: norm.weight, norm.bias'):
+        load_vjepa(path, 'vjepa2.1-debug', key='encoder')
+    bad = {k: v for k, v in good.items() if not k.endswith('blocks.1.mlp.fc2.bias')}
+    path = save(tmp_path / 'bad.pt', {'encoder': {**bad, 'module.backbone.extra.weight': torch.zeros(1)}})
+    with pytest.raises(ValueError, match=r"bad.pt \['encoder'\] does not match VJEPA: "
+                                         r"1 missing: blocks.1.mlp.fc2.bias; 1 unexpected: extra.weight"):
+        load_vjepa(path, 'debug')
+
+
+# ------------------------------------------------------------------ real configs on the meta device
+
+def test_real_config_sizes():
+    def block_params(d, m):
+        return 3 * d * d + 3 * d + d * d + d + 2 * d * m + m + d + 4 * d
+    for name, c in vjepa_configs.items():
+        with torch.device('meta'):
+            model = VJEPA(**c)
+        n_tensors = len(model.state_dict())
+        assert n_tensors == 2 + 12 * c['depth'] + (2 if c['version'] == 2 else 8 + 2 + 2), name
+        d, m = c['dim'], c['mlp']
+        n = 3 * 2 * 256 * d + d + c['depth'] * block_params(d, m) + (
+            2 * d if c['version'] == 2 else 8 * d + 3 * 256 * d + d + 2 * d)
+        assert sum(p.numel() for p in model.parameters()) == n, name
+        assert d // c['heads'] == 64 or name == 'vith'
+    counts = {}
+    for name in ['vitl', 'vjepa2.1-vitl', 'vjepa2.1-vitb']:
+        with torch.device('meta'):
+            counts[name] = len(VJEPA(**vjepa_configs[name]).state_dict())
+    assert counts == {'vitl': 292, 'vjepa2.1-vitl': 302, 'vjepa2.1-vitb': 158}  # reference/vjepa.md section 2
+    with torch.device('meta'):
+        numel = {k: sum(p.numel() for p in VJEPA(**vjepa_configs[k]).parameters())
+                 for k in ['vitl', 'vith', 'vitg', 'vjepa2.1-vitb', 'vjepa2.1-vitG']}
+    assert numel['vitl'] == 303_885_312
+    assert 0.6e9 < numel['vith'] < 0.66e9 and 0.95e9 < numel['vitg'] < 1.05e9
+    assert 80e6 < numel['vjepa2.1-vitb'] < 90e6 and 1.8e9 < numel['vjepa2.1-vitG'] < 2.1e9
+    assert vjepa_configs['vitg']['mlp'] == int(1408 * 48 / 11)  # the odd MLP ratios of g and G
+    assert vjepa_configs['vjepa2.1-vitG']['mlp'] == int(1664 * 64 / 13)
+
+
+# ------------------------------------------------------------------ preprocessing
+
+def test_preprocess_grid_normalisation_and_centre_crop():
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    video = torch.zeros(2, 3, 4, 64, 128)
+    video[..., :16], video[..., -16:] = -1, 1  # bars at the far left and right: a centre crop cuts both away
+    out = preprocess(video, (2, 2))
+    assert out.shape == (2, 3, 4, 32, 32)
+    assert torch.allclose(out, ((0.5 - mean) / std).view(1, 3, 1, 1, 1).expand_as(out), atol=1e-6)
+    # a tall video with a different value per row band; the grid is non-square, the result covers the middle rows
+    video = torch.linspace(-1, 1, 96).view(1, 1, 1, 96, 1).expand(1, 3, 2, 96, 32).contiguous()
+    out = preprocess(video, (2, 1))  # 32 x 16 pixels: scale 0.5 -> 48 x 16, rows 8:40 kept
+    assert out.shape == (1, 3, 2, 32, 16)
+    col = out[0, 0, 0, :, 0] * std[0] + mean[0]
+    # output row i samples input row 2i + 0.5 of the ramp row/95: rows 8..39 of 48 -> input rows 16.5..78.5
+    assert abs(col[0] - 16.5 / 95) < 1e-4 and abs(col[-1] - 78.5 / 95) < 1e-4
+    # downsampling is antialiased: 4-pixel stripes shrunk 4x blur to +-0.5 (plain bilinear would alias them to +-1)
+    stripes = torch.where(torch.arange(128) % 8 < 4, 1.0, -1.0).expand(1, 3, 2, 128, 128)
+    out = (preprocess(stripes, (2, 2)) * std.view(1, 3, 1, 1, 1) + mean.view(1, 3, 1, 1, 1)) * 2 - 1
+    assert out[..., 1:-1].abs().max() < 0.6
+    same = torch.rand(1, 3, 2, 32, 48) * 2 - 1  # already at the grid's size: only normalised
+    want = ((same + 1) / 2 - mean.view(1, 3, 1, 1, 1)) / std.view(1, 3, 1, 1, 1)
+    assert torch.allclose(preprocess(same, (2, 3)), want, atol=1e-6)
