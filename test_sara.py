@@ -2,20 +2,28 @@
 import json
 import math
 import os
+import random
 import re
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.profiler import ProfilerActivity, profile
 
+import models.checkpoint as checkpoint
 from data import COLOURS, ClipLoader, load_clip, make_shapes, read_manifest, write_video
-from models.checkpoint import DIT_FROM_DIFFUSERS, load_state_dict, rename
+from models.checkpoint import (DIT_CONFIG, DIT_FROM_DIFFUSERS, INDEX, WEIGHTS, expert_folders, export_dit, load_dit,
+                               load_pth, load_state_dict, load_weights, pth_to_safetensors, rename)
 from models.settings import configure
 from models.t5 import T5Encoder, Tokenizer, build_tokenizer, clean_text, configs as t5_configs, encode, hf_to_official
+from models.trd import pair_budget, trd_loss
 from models.unipc import UniPC, expert_split
-from models.vae import PixelCodec
+from models.vae import PixelCodec, WanVAE, configs as vae_configs, load_codec, vae_from_diffusers
 from models.vjepa import VJEPA, configs as vjepa_configs, load_vjepa, preprocess, rope_apply, rope_tables
 from models.wan import WanModel, configs as wan_configs
 
@@ -340,7 +348,7 @@ def test_bad_inputs_give_clear_errors(shapes):
     assert f"{p} line 2: video clips/nope.mp4 not found" in str(e.value) and "--skip_bad=True" in str(e.value)
     # malformed JSON
     p = _bad_manifest(shapes, 'malformed.jsonl', '{"video": "clips/0001.mp4", "caption": ')
-    with pytest.raises(ValueError, match=rf"malformed\.jsonl line 2: malformed JSON"):
+    with pytest.raises(ValueError, match=r"malformed\.jsonl line 2: malformed JSON"):
         read_manifest(p)
     # corrupt mp4: the manifest reads fine, decoding fails with the line and file named
     (shapes / 'clips' / 'garbage.mp4').write_bytes(b'\x00not an mp4' * 100)
@@ -596,7 +604,7 @@ def rel_err(a, b):
 
 # ------------------------------------------------------------------ V-JEPA 2 against transformers VJEPA2Model
 
-def hf_to_official(sd):
+def vjepa_hf_to_official(sd):
     """transformers VJEPA2Model encoder weights -> the official layout, as in the released .pt files."""
     out = {}
     for k, v in sd.items():
@@ -626,7 +634,7 @@ def hf_vjepa2():
 
 
 def test_vjepa2_matches_transformers(hf_vjepa2, tmp_path):
-    sd = hf_to_official(hf_vjepa2.state_dict())
+    sd = vjepa_hf_to_official(hf_vjepa2.state_dict())
     assert len(sd) == 2 + 12 * 2 + 2 and all(k.startswith('module.backbone.') for k in sd)
     other = {k: v * 1.5 if k.endswith('qkv.weight') else v for k, v in sd.items()}
     path = tmp_path / 'vjepa2.pt'
@@ -864,3 +872,678 @@ def test_preprocess_grid_normalisation_and_centre_crop():
     same = torch.rand(1, 3, 2, 32, 48) * 2 - 1  # already at the grid's size: only normalised
     want = ((same + 1) / 2 - mean.view(1, 3, 1, 1, 1)) / std.view(1, 3, 1, 1, 1)
     assert torch.allclose(preprocess(same, (2, 3)), want, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+# a tiny DiT; text_dim 4096 as in every release, so the official config.json needs no text_dim field
+TINY = dict(in_dim=16, dim=256, ffn_dim=64, out_dim=16, num_heads=2, num_layers=2)
+OFFICIAL_CONFIG = {'_class_name': 'WanModel', '_diffusers_version': '0.33.0', 'model_type': 't2v', 'text_len': 512,
+                   'freq_dim': 256, 'eps': 1e-6, **TINY}
+
+
+def randomise_dit(model, seed=0):
+    torch.manual_seed(seed)
+    with torch.no_grad():  # every weight random, so a weight loaded into the wrong place shows
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model.eval()
+
+
+def dit_inputs(text_dim=4096):
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(2, 16, 2, 4, 6, generator=g), torch.randn(2, 8, text_dim, generator=g)
+    return x, torch.tensor([700.0, 30.0]), ctx
+
+
+def run_dit(model, inputs):
+    with torch.no_grad():
+        return model(*inputs)
+
+
+def assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+def write_official(sd, folder, shards=2):
+    """An official DiT folder written by hand: config.json, shards -0000N-of-0000M and the index json."""
+    os.makedirs(folder)
+    keys, weight_map = list(sd), {}
+    for i in range(shards):
+        name = f'diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors'
+        part = keys[i * len(keys) // shards:(i + 1) * len(keys) // shards]
+        save_file({k: sd[k].contiguous() for k in part}, os.path.join(folder, name), metadata={'format': 'pt'})
+        weight_map.update(dict.fromkeys(part, name))
+    with open(os.path.join(folder, INDEX), 'w') as f:
+        json.dump({'metadata': {'total_size': 0}, 'weight_map': weight_map}, f)
+    with open(os.path.join(folder, 'config.json'), 'w') as f:
+        json.dump(OFFICIAL_CONFIG, f)
+    return folder
+
+
+@pytest.fixture(scope='module')
+def dit(tmp_path_factory):
+    """A random diffusers WanTransformer3DModel saved by itself (sharded); the same weights in the official layout."""
+    from diffusers import WanTransformer3DModel
+    root = tmp_path_factory.mktemp('dit')
+    ref = randomise_dit(WanTransformer3DModel(num_attention_heads=2, attention_head_dim=128, in_channels=16,
+                                          out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=64, num_layers=2))
+    ref.save_pretrained(root / 'diffusers', max_shard_size='3MB')
+    sd = rename(ref.state_dict(), DIT_FROM_DIFFUSERS)
+    return dict(ref=ref, sd=sd, root=root, diffusers=str(root / 'diffusers'),
+                official=write_official(sd, str(root / 'official')),
+                bf16=write_official({k: v.bfloat16() for k, v in sd.items()}, str(root / 'bf16')))
+
+
+# ---------------------------------------------------------------------------------------------- load_dit
+
+def test_official_and_diffusers_folders_load_the_same_model(dit):
+    assert len([n for n in os.listdir(dit['diffusers']) if n.endswith('.safetensors')]) >= 2  # diffusers' own shards
+    official, diffusers = load_dit(dit['official'], 'cpu'), load_dit(dit['diffusers'], 'cpu')
+    assert not list(WanModel(**TINY).buffers())  # nothing that to_empty would leave uninitialised
+    assert_same_state(official, diffusers)
+    for k, v in dit['sd'].items():
+        assert torch.equal(official.state_dict()[k], v), k
+    inputs = dit_inputs()
+    a, b = run_dit(official, inputs), run_dit(diffusers, inputs)
+    assert torch.equal(a, b)
+    with torch.no_grad():
+        ref = dit['ref'](*inputs, return_dict=False)[0]
+    assert ((a - ref).abs().max() / ref.abs().max()).item() < 1e-4  # the config mapped to the right shape
+
+
+def test_dtype_comes_from_the_file_and_is_allocated_directly(dit, monkeypatch):
+    seen = []
+    to_empty = torch.nn.Module.to_empty
+
+    def spy(self, *args, **kwargs):  # what the model is at the moment it gets memory
+        seen.append({(p.device.type, p.dtype) for p in self.parameters()})
+        return to_empty(self, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.Module, 'to_empty', spy)
+    model = load_dit(dit['bf16'], 'cpu')
+    assert seen == [{('meta', torch.bfloat16)}]  # built on meta, allocated once, in bf16: no fp32 copy
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    for k, v in dit['sd'].items():
+        assert torch.equal(model.state_dict()[k], v.bfloat16()), k
+    up = load_dit(dit['bf16'], 'cpu', dtype=torch.float32)  # an explicit dtype wins (no bf16 forward on this CPU)
+    assert {p.dtype for p in up.parameters()} == {torch.float32}
+    assert torch.equal(up.state_dict()['head.modulation'], dit['sd']['head.modulation'].bfloat16().float())
+    down = load_dit(dit['official'], 'cpu', dtype=torch.bfloat16)
+    assert_same_state(down, model)
+
+
+@pytest.mark.parametrize('damage', ['renamed', 'missing', 'shape'])
+def test_bad_keys_are_named_with_the_folder(dit, tmp_path, damage):
+    folder = str(tmp_path / 'bad')
+    shutil.copytree(dit['official'], folder)
+    shard = os.path.join(folder, 'diffusion_pytorch_model-00001-of-00002.safetensors')
+    sd = load_file(shard)
+    key = 'blocks.0.self_attn.q.weight'
+    if damage == 'renamed':
+        sd['blocks.0.self_attn.query.weight'] = sd.pop(key)
+    elif damage == 'missing':
+        del sd[key]
+    else:
+        sd[key] = sd[key][:5].contiguous()
+    save_file(sd, shard)
+    with pytest.raises(ValueError) as e:
+        load_dit(folder, 'cpu')
+    msg = str(e.value)
+    assert folder in msg and f'{key}' in msg and 'strict=False' in msg
+    if damage == 'renamed':
+        assert '1 missing' in msg and '1 unexpected: blocks.0.self_attn.query.weight' in msg
+    if damage == 'shape':
+        assert f'{key} (5, 256) (model wants (256, 256))' in msg
+    model = load_dit(folder, 'cpu', strict=False)  # the rest loads; what the file lacks is zero, not garbage
+    assert model.state_dict()[key].abs().sum() == 0
+    assert torch.equal(model.state_dict()['head.modulation'], dit['sd']['head.modulation'])
+
+
+def test_missing_files_are_named(dit, tmp_path):
+    folder = str(tmp_path / 'dit')
+    shutil.copytree(dit['official'], folder)
+    os.remove(os.path.join(folder, 'diffusion_pytorch_model-00002-of-00002.safetensors'))
+    with pytest.raises(FileNotFoundError, match=r'diffusion_pytorch_model-00002-of-00002\.safetensors not found: '
+                                                r'.*index\.json lists it'):
+        load_dit(folder, 'cpu')
+    os.remove(os.path.join(folder, INDEX))
+    with pytest.raises(FileNotFoundError, match=rf'{folder}/{WEIGHTS} not found: the folder has neither'):
+        load_dit(folder, 'cpu')
+    os.remove(os.path.join(folder, 'config.json'))
+    with pytest.raises(FileNotFoundError, match=rf'{folder}/config.json not found'):
+        load_dit(folder, 'cpu')
+    with pytest.raises(FileNotFoundError, match=rf'{tmp_path}/nowhere not found: pass the folder'):
+        load_dit(tmp_path / 'nowhere', 'cpu')
+    with open(os.path.join(folder, 'config.json'), 'w') as f:
+        json.dump({'_class_name': 'UNet2DModel'}, f)
+    with pytest.raises(ValueError, match="_class_name 'UNet2DModel'; expected WanModel"):
+        load_dit(folder, 'cpu')
+    cfg = json.load(open(os.path.join(dit['diffusers'], 'config.json')))
+    with open(os.path.join(folder, 'config.json'), 'w') as f:
+        json.dump({**cfg, 'image_dim': 1280}, f)  # a Wan2.1 I2V (CLIP) DiT
+    with pytest.raises(ValueError, match=r"asks for \{'image_dim': 1280\}, which WanModel does not implement"):
+        load_dit(folder, 'cpu')
+
+
+def test_expert_folders(tmp_path):
+    for sub in ['a14b/high_noise_model', 'a14b/low_noise_model', 'diff/transformer', 'diff/transformer_2',
+                'diff5b/transformer', 'half/high_noise_model', 'ti2v']:
+        os.makedirs(tmp_path / sub)
+    for cfg in ['ti2v/config.json', 'diff5b/transformer/config.json']:
+        (tmp_path / cfg).write_text('{}')
+    t = str(tmp_path)
+    assert expert_folders(tmp_path / 'a14b') == {'high': f'{t}/a14b/high_noise_model',
+                                                 'low': f'{t}/a14b/low_noise_model'}
+    assert expert_folders(tmp_path / 'diff') == {'high': f'{t}/diff/transformer', 'low': f'{t}/diff/transformer_2'}
+    assert expert_folders(tmp_path / 'ti2v') == {'single': f'{t}/ti2v'}
+    assert expert_folders(tmp_path / 'diff5b') == {'single': f'{t}/diff5b/transformer'}
+    with pytest.raises(FileNotFoundError, match=rf'{t}/half holds no DiT: expected config.json'):
+        expert_folders(tmp_path / 'half')
+
+
+# ---------------------------------------------------------------------------------------------- export_dit
+
+def test_export_then_load_is_identical(dit, tmp_path):
+    model = randomise_dit(WanModel(**{**TINY, 'text_dim': 32}), seed=3)  # a debug-sized text_dim must survive
+    export_dit(model, tmp_path / 'one')
+    assert sorted(os.listdir(tmp_path / 'one')) == ['config.json', WEIGHTS]
+    cfg = json.load(open(tmp_path / 'one' / 'config.json'))
+    assert cfg == {'_class_name': 'WanModel', 'model_type': 't2v', 'text_len': 512, 'freq_dim': 256, 'eps': 1e-6,
+                   **TINY, 'text_dim': 32}
+    inputs = dit_inputs(text_dim=32)
+    back = load_dit(tmp_path / 'one', 'cpu')
+    assert_same_state(back, model)
+    assert torch.equal(run_dit(back, inputs), run_dit(model, inputs))
+
+    export_dit(model, tmp_path / 'many', max_shard_bytes=300_000)  # sharding forced: the loader's index path
+    files = sorted(os.listdir(tmp_path / 'many'))
+    shards = [n for n in files if n.startswith('diffusion_pytorch_model-')]
+    assert len(shards) >= 3 and INDEX in files and shards[-1].endswith(f'-of-{len(shards):05d}.safetensors')
+    index = json.load(open(tmp_path / 'many' / INDEX))
+    assert index['weight_map'].keys() == model.state_dict().keys() and set(index['weight_map'].values()) == set(shards)
+    for name in shards:
+        assert os.path.getsize(tmp_path / 'many' / name) < 300_000 + 5_000 or \
+            len(load_file(str(tmp_path / 'many' / name))) == 1  # only a tensor larger than the limit stands alone
+    back = load_dit(tmp_path / 'many', 'cpu')
+    assert_same_state(back, model)
+    assert torch.equal(run_dit(back, inputs), run_dit(model, inputs))
+
+    export_dit(model, tmp_path / 'bf16', dtype=torch.bfloat16)
+    assert {v.dtype for v in load_file(str(tmp_path / 'bf16' / WEIGHTS)).values()} == {torch.bfloat16}
+    back = load_dit(tmp_path / 'bf16', 'cpu')
+    assert all(torch.equal(back.state_dict()[k], v.bfloat16()) for k, v in model.state_dict().items())
+
+    real = load_dit(dit['official'], 'cpu')  # release-shaped (text_dim 4096): exactly the official config fields
+    export_dit(real, tmp_path / 'real')
+    assert json.load(open(tmp_path / 'real' / 'config.json')).keys() == {'_class_name', *DIT_CONFIG}
+
+
+def test_export_is_atomic(tmp_path, monkeypatch):
+    first, second = randomise_dit(WanModel(**TINY), seed=1), randomise_dit(WanModel(**TINY), seed=2)
+    export_dit(first, tmp_path / 'dit')
+    calls = []
+
+    def failing(tensors, path, **kwargs):  # the disk fills up while the second shard is written
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError('No space left on device')
+        save_file(tensors, path, **kwargs)
+    monkeypatch.setattr(checkpoint, 'save_file', failing)
+    with pytest.raises(OSError, match='No space'):
+        export_dit(second, tmp_path / 'dit', max_shard_bytes=1_000_000)
+    assert sorted(os.listdir(tmp_path)) == ['dit']  # no half-written folder, no temporary left
+    assert_same_state(load_dit(tmp_path / 'dit', 'cpu'), first)
+    monkeypatch.undo()
+    export_dit(second, tmp_path / 'dit', max_shard_bytes=1_000_000)  # replaces a previous export
+    assert sorted(os.listdir(tmp_path)) == ['dit'] and INDEX in os.listdir(tmp_path / 'dit')
+    assert_same_state(load_dit(tmp_path / 'dit', 'cpu'), second)
+
+
+# ---------------------------------------------------------------------------------------------- .pth files
+
+def test_pth_load_and_convert(tmp_path):
+    t5 = T5Encoder(**t5_configs['debug']).init_weights(seed=5)
+    sd = {k: v.bfloat16() for k, v in t5.state_dict().items()}  # as models_t5_umt5-xxl-enc-bf16.pth
+    torch.save(sd, tmp_path / 't5.pth')
+    assert load_pth(tmp_path / 't5.pth').keys() == sd.keys()
+    with torch.device('meta'):
+        empty = T5Encoder(**t5_configs['debug'])
+    loaded = load_weights(empty, tmp_path / 't5.pth', 'cpu')
+    assert loaded.state_dict().keys() == sd.keys()
+    assert all(v.dtype == torch.bfloat16 and torch.equal(v, sd[k]) for k, v in loaded.state_dict().items())
+
+    pth_to_safetensors(tmp_path / 't5.pth', str(tmp_path / 't5.safetensors'))
+    assert sorted(os.listdir(tmp_path)) == ['t5.pth', 't5.safetensors']  # no temporary left
+    conv = load_file(str(tmp_path / 't5.safetensors'))
+    assert conv.keys() == sd.keys() and all(v.dtype == sd[k].dtype and torch.equal(v, sd[k]) for k, v in conv.items())
+
+    torch.save(t5.state_dict(), tmp_path / 't5_fp32.pth')  # fp32 file into a model built normally (not on meta)
+    again = load_weights(T5Encoder(**t5_configs['debug']), tmp_path / 't5_fp32.pth', 'cpu')
+    ids, mask = torch.randint(3, 512, (2, 7)), torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    with torch.no_grad():
+        assert torch.equal(again(ids, mask), t5(ids, mask))
+    with pytest.raises(FileNotFoundError, match=rf'{tmp_path}/Wan2.1_VAE.pth not found'):
+        load_weights(empty, tmp_path / 'Wan2.1_VAE.pth', 'cpu')
+
+
+def test_meta_model_with_unfilled_buffers_is_refused(tmp_path):
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+            self.register_buffer('table', torch.arange(4.0), persistent=False)
+    save_file(Odd().state_dict(), str(tmp_path / 'odd.safetensors'))
+    with torch.device('meta'):
+        odd = Odd()
+    with pytest.raises(ValueError, match=r"non-persistent buffers \['table'\]"):
+        load_weights(odd, tmp_path / 'odd.safetensors', 'cpu')
+    built = load_weights(Odd(), tmp_path / 'odd.safetensors', 'cpu')  # built for real, its buffer is kept
+    assert torch.equal(built.table, torch.arange(4.0))
+
+
+# ---------------------------------------------------------------------------------------------- umT5 tokenizer
+
+@pytest.fixture(scope='module')
+def spm_folders(tmp_path_factory):
+    """A tiny T5-style unigram spiece.model, a transformers-saved folder (tokenizer.json + spiece.model, as
+    google/umt5-xxl/) and a folder with spiece.model alone; plus the transformers tokenizer itself."""
+    pytest.importorskip('google.protobuf', reason='transformers reads spiece.model with protobuf '
+                                                  '(add protobuf to requirements-test.txt)')
+    import sentencepiece
+    from transformers import T5Tokenizer
+    root = tmp_path_factory.mktemp('spm')
+    rng = random.Random(0)
+    words = ('a the red green blue yellow purple cube sphere cone cylinder rolls bounces slowly quickly across over '
+             'under camera pans left right city night mountain river forest ocean dog cat bird runs sleeps flies on '
+             'sofa park chat noir dort sur le canapé ein kleiner Hund läuft im 4k 1080p cinematic shot of and with '
+             'two three small large bright dark sunset rain snow wind').split()
+    lines = [' '.join(rng.choice(words) for _ in range(rng.randint(3, 12))) + rng.choice(['.', '!', ',', ''])
+             for _ in range(400)]
+    (root / 'corpus.txt').write_text('\n'.join(lines))
+    sentencepiece.SentencePieceTrainer.train(input=str(root / 'corpus.txt'), model_prefix=str(root / 'spiece'),
+                                             vocab_size=100, model_type='unigram', pad_id=0, eos_id=1, unk_id=2,
+                                             bos_id=-1, minloglevel=2)
+    os.makedirs(root / 'slow')
+    shutil.copy(root / 'spiece.model', root / 'slow' / 'spiece.model')
+    tok = T5Tokenizer.from_pretrained(str(root / 'slow'), extra_ids=0)
+    tok.save_pretrained(str(root / 'umt5'))
+    shutil.copy(root / 'spiece.model', root / 'umt5' / 'spiece.model')
+    return dict(tok=tok, umt5=root / 'umt5', slow=root / 'slow')
+
+
+def test_umt5_tokenizer_matches_transformers(spm_folders):
+    texts = ['A red cube rolls slowly across the park.', '  two &amp;amp; three\n\tsmall   dogs ',
+             'Ein kleiner Hund läuft im Park, 1080p!', 'zebra 漢字 xylophone',
+             'the camera pans left over the mountain river at sunset with rain and snow and wind']
+    L = 16
+    tok = spm_folders['tok']
+    want = tok([clean_text(t) for t in texts], padding='max_length', truncation=True, max_length=L,
+               add_special_tokens=True)
+    want_ids, want_mask = torch.tensor(want['input_ids']), torch.tensor(want['attention_mask'])
+    assert len(tok(clean_text(texts[-1]))['input_ids']) > L  # the last one is truncated
+    assert len(set(want_ids.flatten().tolist())) > 20  # a real vocabulary at work, not all <unk>
+    umt5, slow = spm_folders['umt5'], spm_folders['slow']
+    for path in [umt5, umt5 / 'tokenizer.json', slow, slow / 'spiece.model']:
+        ids, mask = Tokenizer(path)(texts, text_len=L)
+        assert torch.equal(ids, want_ids) and torch.equal(mask, want_mask), path
+    assert Tokenizer(umt5).sp is None and Tokenizer(slow).sp is not None  # tokenizer.json preferred, as AutoTokenizer
+    assert ids[-1, -1] == 1 and mask[-1].all()  # truncated: </s> kept last
+    assert ids[0, mask[0].sum() - 1] == 1 and ids[0, mask[0].sum():].eq(0).all()  # </s>, then <pad> = 0
+
+
+def test_tokenizer_missing_files_are_named(tmp_path):
+    for path in [tmp_path, tmp_path / 'tokenizer.json']:
+        with pytest.raises(FileNotFoundError, match=rf'{path} is no tokenizer file nor a folder holding'):
+            Tokenizer(path)
+
+
+# ---------------------------------------------------------------------------------------------- VAEs
+
+# diffusers AutoencoderKLWan arguments for the official Wan2.2 layout (its scripts/convert_wan_to_diffusers.py)
+DIFFUSERS_WAN22 = dict(is_residual=True, patch_size=2, in_channels=12, out_channels=12, scale_factor_spatial=16)
+# tiny configs: (our WanVAE arguments, the matching diffusers AutoencoderKLWan arguments)
+TINY = {
+    'wan2.1': (dict(z_dim=4, dim=8, wan22=False, num_res_blocks=2),
+               dict(base_dim=8, z_dim=4, num_res_blocks=2)),
+    'wan2.2': (dict(z_dim=6, dim=8, dec_dim=12, wan22=True, num_res_blocks=1),  # dec_dim != dim on purpose
+               dict(base_dim=8, decoder_base_dim=12, z_dim=6, num_res_blocks=1, **DIFFUSERS_WAN22)),
+}
+
+
+def tiny_pair(name):
+    """A diffusers VAE with every weight random (RMS gammas too) and our codec loaded from its renamed state dict."""
+    diffusers = pytest.importorskip('diffusers')
+    ours_cfg, ref_cfg = TINY[name]
+    g = torch.Generator().manual_seed(0)
+    z = ours_cfg['z_dim']
+    mean, std = (torch.randn(z, generator=g) * 0.5).tolist(), (torch.rand(z, generator=g) + 0.5).tolist()
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderKLWan(**ref_cfg, latents_mean=mean, latents_std=std).eval()
+    with torch.no_grad():
+        for key, p in ref.named_parameters():
+            if key.endswith('gamma'):
+                p.uniform_(0.5, 1.5, generator=g)
+    ours = WanVAE(**ours_cfg, mean=mean, std=std).eval()
+    ours.load_state_dict(vae_from_diffusers(ref.state_dict()), strict=True)
+    return ours, ref
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture
+def no_onednn():
+    """oneDNN builds a kernel for every new conv shape; at these tiny sizes that is most of the time (3x)."""
+    enabled, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, False
+    yield
+    torch.backends.mkldnn.enabled = enabled
+
+
+@pytest.mark.usefixtures('no_onednn')
+@pytest.mark.parametrize('name', ['wan2.1', 'wan2.2'])
+def test_wan_vae_parity_with_diffusers(name):
+    ours, ref = tiny_pair(name)
+    s = ours.stride[1]
+    mean = torch.tensor(ours.mean).view(1, -1, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(ours.std).view(1, -1, 1, 1, 1)  # the official normalisation, written out
+    g = torch.Generator().manual_seed(1)
+    errors = {}
+    with torch.no_grad():
+        for B, T in [(1, 1), (2, 5), (1, 9)]:
+            video = torch.rand(B, 3, T, 2 * s, 3 * s, generator=g) * 2 - 1
+            z = ours.encode(video)
+            z_ref = (ref.encode(video).latent_dist.mean - mean) * inv_std
+            assert z.shape == (B, ours.z_dim, 1 + (T - 1) // 4, 2, 3)
+            errors[f'encode F={T}'] = rel(z, z_ref)
+            x = ours.decode(z_ref)
+            x_ref = ref.decode(z_ref / inv_std + mean).sample
+            assert x.shape == video.shape
+            assert (x_ref.abs() < 1).float().mean() > 0.5  # mostly unclamped, so the comparison sees the decoder
+            errors[f'decode F={T}'] = rel(x, x_ref)
+    print(name, {k: f'{v:.1e}' for k, v in errors.items()})
+    assert max(errors.values()) < 1e-5, errors
+
+
+@pytest.mark.usefixtures('no_onednn')
+@pytest.mark.parametrize('name', ['wan2.1', 'wan2.2'])
+def test_wan_vae_tiled_decode(name):
+    ours, ref = tiny_pair(name)
+    z = torch.randn(1, ours.z_dim, 2, 5, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        whole = ours.decode(z)
+        ours.tile = (4, 1)  # tiles start every 3 latent px; at these sizes diffusers places them the same way
+        tiled = ours.decode(z)
+        s = ours.stride[1]
+        ref.enable_tiling(tile_sample_min_height=4 * s, tile_sample_min_width=4 * s,
+                          tile_sample_stride_height=3 * s, tile_sample_stride_width=3 * s)
+        mean, std = torch.tensor(ours.mean).view(1, -1, 1, 1, 1), torch.tensor(ours.std).view(1, -1, 1, 1, 1)
+        tiled_ref = ref.decode(z / (1.0 / std) + mean).sample
+    assert tiled.shape == whole.shape
+    assert rel(tiled, tiled_ref) < 1e-5  # the same tiles and blending as diffusers' tiled_decode
+    # A random decoder mixes far across its input (global attention, no learned locality), so tiles of 4 latent
+    # px differ a lot from the whole-frame decode; only trained weights can show how close tiling gets.
+    err = ((tiled - whole).abs().mean() / whole.abs().mean()).item()
+    print(name, f'tiled vs whole (random weights): mean |diff| / mean |x| = {err:.2f}, '
+          f'max rel {rel(tiled, whole):.2f}; vs diffusers tiled {rel(tiled, tiled_ref):.1e}')
+    # For a decoder that only looks at its own latent pixel every tile agrees with the whole frame, so the tiled
+    # result must equal it exactly: tiles in the right place, blend weights summing to one, nothing cut twice.
+    p = ours.patch
+    ours._decode = lambda z: z[:, :1].repeat(1, 3 * p * p, 1, 1, 1).repeat_interleave(ours.up, 3).repeat_interleave(
+        ours.up, 4) * torch.arange(1, 3 * p * p + 1).view(1, -1, 1, 1, 1) / (3 * p * p)
+    z = torch.rand(1, ours.z_dim, 2, 7, 11, generator=torch.Generator().manual_seed(3)) * 0.9
+    local_tiled = ours.decode(z)
+    ours.tile = None
+    assert rel(local_tiled, ours.decode(z)) < 1e-6
+
+
+@pytest.mark.parametrize('name, tensors, params, shapes', [
+    ('wan2.1', 194, 126_892_531, {'encoder.downsamples.0.residual.0.gamma': (96, 1, 1, 1),
+                                  'decoder.upsamples.3.time_conv.weight': (768, 384, 3, 1, 1),
+                                  'decoder.upsamples.11.resample.1.weight': (96, 192, 3, 3)}),
+    ('wan2.2', 196, 704_688_668, {'encoder.conv1.weight': (160, 12, 3, 3, 3),
+                                  'decoder.upsamples.0.upsamples.3.time_conv.weight': (2048, 1024, 3, 1, 1),
+                                  'decoder.head.2.weight': (12, 256, 3, 3, 3)})])
+def test_wan_vae_official_sizes(name, tensors, params, shapes):
+    with torch.device('meta'):
+        vae = WanVAE(**vae_configs[name])
+    sd = vae.state_dict()
+    assert len(sd) == tensors
+    assert sum(p.numel() for p in vae.parameters()) == params
+    assert {k: tuple(sd[k].shape) for k in shapes} == shapes  # reference/wan22.md section 4
+    assert vae.stride == {'wan2.1': (4, 8, 8), 'wan2.2': (4, 16, 16)}[name]
+    assert vae.z_dim == len(vae.mean) == len(vae.std) == {'wan2.1': 16, 'wan2.2': 48}[name]
+    # a full-size diffusers checkpoint renames onto exactly our keys and shapes
+    diffusers = pytest.importorskip('diffusers')
+    with torch.device('meta'):
+        ref = diffusers.AutoencoderKLWan(**({} if name == 'wan2.1' else dict(
+            base_dim=160, decoder_base_dim=256, z_dim=48, **DIFFUSERS_WAN22)))
+    assert {k: v.shape for k, v in vae_from_diffusers(ref.state_dict()).items()} == {k: v.shape for k, v in sd.items()}
+
+
+@pytest.mark.usefixtures('no_onednn')
+@pytest.mark.parametrize('name', ['wan2.1', 'wan2.2'])
+def test_wan_vae_roundtrip_shapes(name):
+    vae = WanVAE(**TINY[name][0]).eval()
+    s = vae.stride[1]
+    for k in (0, 2):
+        video = torch.rand(1, 3, 1 + 4 * k, s, 2 * s) * 2 - 1
+        with torch.no_grad():
+            z = vae.encode(video)
+            assert z.shape == (1, vae.z_dim, 1 + k, 1, 2)
+            x = vae.decode(z)
+        assert x.shape == video.shape and x.abs().max() <= 1
+    with pytest.raises(ValueError):
+        vae.encode(torch.zeros(1, 3, 4, s, s))
+
+
+def test_load_codec_names():
+    with pytest.raises(ValueError, match='wan2.1'):
+        load_codec('wan3')
+
+
+# ---------------------------------------------------------------------------------------------- TRD loss
+
+ROUTES = ['uniform', 'or', 'and', 'xor', 'motion']
+
+
+# ---------------------------------------------------------------------------------------------- naive reference
+
+def naive_motion(y, grid):
+    """Motion cue written out token by token: 1 - cos to the same (h, w) one frame earlier, frame 0 = frame 1."""
+    T, H, W = grid
+    y = y.reshape(T, H, W, -1)
+    m = torch.zeros(T, H, W, dtype=y.dtype)
+    for t in range(T):
+        for h in range(H):
+            for x in range(W):
+                t1 = max(t, 1)
+                m[t, h, x] = 1 - F.cosine_similarity(y[t1, h, x], y[t1 - 1, h, x], dim=0)
+    m = m.flatten()
+    return (m - m.min()) / (m.max() - m.min())
+
+
+def naive_weights(a, b):
+    """W for a column of w_i and a row of w_j, written out per route."""
+    return {'uniform': torch.ones_like(a * b), 'or': a + b - a * b, 'and': a * b, 'xor': a + b - 2 * a * b}
+
+
+def naive_clip(z, y, w, route, margin, grid=None):
+    """Materialises the N x N Grams and the N x N weight matrix."""
+    zn, yn = F.normalize(z, dim=-1), F.normalize(y, dim=-1)
+    l = torch.relu((zn @ zn.T - yn @ yn.T).abs() - margin)
+    if route == 'motion':
+        w, route = naive_motion(y, grid), 'or'
+    W = torch.ones_like(l) if route == 'uniform' else naive_weights(w[:, None], w[None, :])[route]
+    return (W * l).sum() / W.sum()
+
+
+def naive(z, y, w, route, margin=0.1, grid=None):
+    grids = grid if isinstance(grid, list) else [grid] * len(z)
+    ws = [None] * len(z) if w is None else w
+    return torch.stack([naive_clip(*a, route, margin, g) for *a, g in zip(z, y, ws, grids)]).mean()
+
+
+def rel_norm(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def inputs(Ns, D, dtype, batched, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
+    if batched:
+        z, y, w = make(len(Ns), Ns[0], D), make(len(Ns), Ns[0], D), torch.rand(len(Ns), Ns[0], generator=g, dtype=dtype)
+        # y tokens correlated with z so that many |dcos| sit near the margin on both sides
+        return z, 0.5 * z + y, w
+    z = [make(n, D) for n in Ns]
+    return z, [0.5 * zb + make(n, D) for zb, n in zip(z, Ns)], [torch.rand(n, generator=g, dtype=dtype) for n in Ns]
+
+
+def grads(loss_fn, z, w, route):
+    """Loss, flat gradient w.r.t. z, and w.r.t. w for the routes where w enters (else None)."""
+    is_list = isinstance(z, list)
+    z, w = [[t.clone().requires_grad_() for t in (ts if is_list else [ts])] for ts in (z, w)]
+    loss = loss_fn(z, w) if is_list else loss_fn(z[0], w[0])
+    soft = route in ('or', 'and', 'xor')
+    gs = torch.autograd.grad(loss, z + (w if soft else []))
+    flat = lambda ts: torch.cat([t.flatten() for t in ts])
+    return loss.detach(), flat(gs[:len(z)]), flat(gs[len(z):]) if soft else None
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+@pytest.mark.parametrize('route', ROUTES)
+@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize('batched', [True, False], ids=['batch', 'list'])
+def test_blocked_matches_naive(route, dtype, tol, batched):
+    # N = 300 and 200 are not multiples of block = 64; the list batch has clips of different N
+    Ns, grid = ([300, 300], (3, 10, 10)) if batched else ([300, 200], [(3, 10, 10), (2, 10, 10)])
+    z, y, w = inputs(Ns, 16, dtype, batched)
+    kw = dict(grid=grid) if route == 'motion' else {}
+    v1, gz1, gw1 = grads(lambda z, w: trd_loss(z, y, w, route=route, margin=0.1, block=64, **kw), z, w, route)
+    v2, gz2, gw2 = grads(lambda z, w: naive(z, y, w, route, 0.1, grid), z, w, route)
+    assert v2 > 0.01 and gz2.norm() > 0                # the reference is not trivially zero
+    errors = [rel_norm(v1, v2), rel_norm(gz1, gz2)] + ([rel_norm(gw1, gw2)] if gw2 is not None else [])
+    assert max(errors) <= tol, errors
+
+
+def test_uniform_is_videorepa_mean():
+    # VideoREPA: plain mean over (b, i, j) of relu(|G_z - G_y| - m), Grams from per-token L2-normalised features
+    z, y, _ = inputs([257, 257], 32, torch.float64, True, seed=1)
+    zn, yn = F.normalize(z, dim=-1), F.normalize(y, dim=-1)
+    for margin in (0.0, 0.1, 0.3):
+        ref = torch.relu((zn @ zn.transpose(1, 2) - yn @ yn.transpose(1, 2)).abs() - margin).mean()
+        assert torch.allclose(trd_loss(z, y, route='uniform', margin=margin, block=100), ref, rtol=1e-12, atol=0)
+
+
+def test_or_ignores_pairs_of_two_unsalient_tokens():
+    # Tokens 0 and 1 get a private plane (dims 6, 7): rotating z_1 in it by theta changes cos(z_0, z_1) only,
+    # and z_1's norm and all its other cosines stay fixed. Under OR with w_0 = w_1 = 0 the loss must not move.
+    g = torch.Generator().manual_seed(2)
+    N, D = 40, 8
+    base = torch.randn(N, D, generator=g, dtype=torch.float64)
+    base[:, 6:] = 0
+    y = torch.randn(1, N, D, generator=g, dtype=torch.float64)
+    w = torch.rand(1, N, generator=g, dtype=torch.float64) * 0.8 + 0.2
+    w[0, :2] = 0
+
+    def loss(theta, route, w=w):
+        e = torch.zeros(N, D, dtype=torch.float64)
+        e[0, 6] = 2.0
+        e[1, 6], e[1, 7] = 2.0 * torch.cos(theta), 2.0 * torch.sin(theta)
+        return trd_loss((base + e)[None], y, w, route=route, block=16)
+
+    t0, t1 = torch.tensor(0.3, dtype=torch.float64, requires_grad=True), torch.tensor(2.5, dtype=torch.float64)
+    l0 = loss(t0, 'or')
+    assert abs(l0.item() - loss(t1, 'or').item()) < 1e-14
+    assert torch.autograd.grad(l0, t0)[0].abs() < 1e-14
+    # the perturbation is not a no-op: uniform TRD sees it, and so does OR once token 0 is a little salient
+    assert abs(loss(t0, 'uniform') - loss(t1, 'uniform')) > 1e-4
+    w2 = w.clone()
+    w2[0, 0] = 0.3
+    assert abs(loss(t0, 'or', w2) - loss(t1, 'or', w2)) > 1e-4
+
+
+def test_errors():
+    z = torch.randn(1, 8, 4)
+    with pytest.raises(ValueError, match='needs a saliency'):
+        trd_loss(z, z, route='or')
+    with pytest.raises(ValueError, match='needs grid'):
+        trd_loss(z, z, route='motion')
+    with pytest.raises(ValueError, match="unknown route 'nope'"):
+        trd_loss(z, z, torch.rand(1, 8), route='nope')
+
+
+def profiled_peak(fn):
+    """Peak of the running sum of CPU allocator events (bytes) while fn runs, from the profiler's raw events."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == '[memory]')
+    cur = peak = 0
+    for _, nbytes in events:
+        cur += nbytes
+        peak = max(peak, cur)
+    return peak
+
+
+def test_memory_stays_below_an_eighth_of_one_gram():
+    # the method sees a materialised N x N matrix: a naive Gram at N = 4096 must register >= 64 MiB
+    a = torch.randn(4096, 64)
+    assert profiled_peak(lambda: (a @ a.T).relu_().sum()) >= 4096 ** 2 * 4
+    N, D = 16384, 256
+    torch.manual_seed(0)
+    z, y, w = torch.randn(1, N, D, requires_grad=True), torch.randn(1, N, D), torch.rand(1, N)
+    peak = profiled_peak(lambda: trd_loss(z, y, w, route='or', block=256).backward())
+    print(f'TRD forward+backward at N={N}, D={D}, block=256: peak {peak / 2 ** 20:.1f} MiB beyond inputs')
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    assert peak < N * N * 4 / 8, f'{peak / 2 ** 20:.1f} MiB'
+
+
+def test_pair_budget_matches_the_paper_figure():
+    N, nf = 2500, 1200                                                   # p = 0.48 foreground
+    p = nf / N
+    g = torch.Generator().manual_seed(3)
+    w = torch.zeros(N)
+    w[torch.randperm(N, generator=g)[:nf]] = 1.0
+    b = pair_budget(w)
+    # brute-force count of ordered pairs, row block by row block
+    fg = w > 0.5
+    counts = {'uniform': 0, 'or': 0, 'and': 0, 'xor': 0}
+    for r in range(0, N, 1000):
+        a, c = w[r:r + 1000, None], w[None, :]
+        for name, W in naive_weights(a, c).items():
+            counts[name] += (W == 1).sum().item()
+    assert math.isclose(counts['or'] / N ** 2, 1 - (1 - p) ** 2) and math.isclose(counts['and'] / N ** 2, p ** 2)
+    for name, n in counts.items():
+        assert math.isclose(b[f'{name}/coverage'], n / N ** 2, rel_tol=1e-12)
+    assert math.isclose(b['or/coverage'], 1 - (1 - p) ** 2) and math.isclose(b['and/coverage'], p ** 2)
+    # the paper's figure: uniform TRD spends 23% / 50% / 27% of pairs on FG-FG / FG-BG / BG-BG
+    assert [round(100 * b[k]) for k in ('fg_fg', 'fg_bg', 'bg_bg')] == [23, 50, 27]
+    assert [b[f'uniform/{k}'] for k in ('fg_fg', 'fg_bg', 'bg_bg')] == [b[k] for k in ('fg_fg', 'fg_bg', 'bg_bg')]
+    assert b['or/bg_bg'] == 0 and math.isclose(b['and/fg_fg'], 1) and math.isclose(b['xor/fg_bg'], 1)
+    assert math.isclose(b['or/fg_fg'], p * p / (1 - (1 - p) ** 2))
+    assert int(fg.sum()) == nf
+
+
+def test_pair_budget_soft_weights_against_brute_force():
+    g = torch.Generator().manual_seed(4)
+    w = [torch.rand(300, generator=g) ** 2, torch.rand(200, generator=g)]   # list batch of different N
+    b = pair_budget(w, threshold=0.4)
+    ref = {}
+    for wb in w:
+        wb = wb.double()
+        a, c, fg = wb[:, None], wb[None, :], wb > 0.4
+        cls = {'fg_fg': fg[:, None] & fg[None, :], 'bg_bg': ~fg[:, None] & ~fg[None, :]}
+        cls['fg_bg'] = ~(cls['fg_fg'] | cls['bg_bg'])
+        for k, m in cls.items():
+            ref[k] = ref.get(k, 0) + m.double().mean().item() / len(w)
+        for name, W in naive_weights(a, c).items():
+            for k, m in cls.items():
+                ref[f'{name}/{k}'] = ref.get(f'{name}/{k}', 0) + (W * m).sum().item() / W.sum().item() / len(w)
+            ref[f'{name}/coverage'] = ref.get(f'{name}/coverage', 0) + W.mean().item() / len(w)
+    assert b.keys() == ref.keys()
+    for k in ref:
+        assert math.isclose(b[k], ref[k], rel_tol=1e-9, abs_tol=1e-12), k

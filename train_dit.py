@@ -4,7 +4,6 @@
     python train_dit.py --batch_size=4 --max_iters=2000 --out_dir=out/run2
     python train_dit.py --init_from=resume       # continue out_dir exactly where it stopped
 """
-import json
 import math
 import os
 import time

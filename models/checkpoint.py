@@ -1,8 +1,18 @@
-"""Checkpoint I/O: strict loading with named reports, the diffusers key map, atomic saves."""
+"""Checkpoint I/O: official and diffusers DiT folders, .pth files, strict loading with named reports, atomic saves.
+
+Big models are built on the meta device, allocated straight at the target device and dtype, and filled one tensor
+at a time (safetensors read lazily, .pth memory-mapped), so no full fp32 host copy of a 14B model is ever made.
+"""
+import json
 import os
 import re
+import shutil
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from models.wan import WanModel
 
 # diffusers WanTransformer3DModel key -> official Wan DiT key (diffusers scripts/convert_wan_to_diffusers.py)
 DIT_FROM_DIFFUSERS = [
@@ -25,6 +35,19 @@ DIT_FROM_DIFFUSERS = [
     (r'^scale_shift_table$', 'head.modulation'),
 ]
 
+WEIGHTS = 'diffusion_pytorch_model.safetensors'  # one file, or shards ...-0000N-of-0000M.safetensors + INDEX
+INDEX = WEIGHTS + '.index.json'
+# official config.json fields: WanModel's register_to_config minus its ignore_for_config
+DIT_CONFIG = ('model_type', 'text_len', 'in_dim', 'dim', 'ffn_dim', 'freq_dim', 'out_dim', 'num_heads', 'num_layers',
+              'eps')
+# fields the official loader ignores and fixes at these values: we write them only when they differ (debug models)
+DIT_FIXED = {'text_dim': 4096, 'patch_size': [1, 2, 2]}
+# diffusers options that WanModel implements only at these values (image_dim etc.: the Wan2.1 CLIP image branch)
+DIFFUSERS_FIXED = {'qk_norm': 'rms_norm_across_heads', 'cross_attn_norm': True, 'image_dim': None,
+                   'added_kv_proj_dim': None, 'pos_embed_seq_len': None, 'rope_max_seq_len': 1024}
+SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
+                      'I64': torch.int64, 'I32': torch.int32, 'I8': torch.int8, 'U8': torch.uint8, 'BOOL': torch.bool}
+
 
 def rename(sd, table):
     out = {}
@@ -35,27 +58,218 @@ def rename(sd, table):
     return out
 
 
-def load_state_dict(model, sd, source, strict=True):
-    """Load sd into model, naming every missing, unexpected or mis-shaped key; refuse unless strict=False."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f'{k} {tuple(sd[k].shape)} (model wants {tuple(own[k].shape)})'
-              for k in own if k in sd and sd[k].shape != own[k].shape]
+def check_keys(model, shapes, source, strict=True):
+    """Compare {key: shape} with the model's state dict, naming every missing, unexpected or mis-shaped key; refuse
+    unless strict=False. Returns (problems, the keys that can be loaded)."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes = {k: tuple(s) for k, s in shapes.items()}
+    missing = [k for k in own if k not in shapes]
+    unexpected = [k for k in shapes if k not in own]
+    mis = [f'{k} {shapes[k]} (model wants {own[k]})' for k in own if k in shapes and shapes[k] != own[k]]
     problems = [f'{len(v)} {name}: ' + ', '.join(v[:8]) + (' ...' if len(v) > 8 else '')
-                for name, v in [('missing', missing), ('unexpected', unexpected), ('mis-shaped', shapes)] if v]
+                for name, v in [('missing', missing), ('unexpected', unexpected), ('mis-shaped', mis)] if v]
     if problems and strict:
         raise ValueError(f'{source} does not match {type(model).__name__}: ' + '; '.join(problems) +
                          ' (wrong model or file? pass strict=False to load the matching keys anyway)')
     if problems:
         print(f'warning: loading {source} non-strictly: ' + '; '.join(problems))
-    model.load_state_dict({k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}, strict=False)
+    return problems, [k for k in own if shapes.get(k) == own[k]]
+
+
+def load_state_dict(model, sd, source, strict=True):
+    """Load an in-memory sd into model, named report as check_keys."""
+    problems, ok = check_keys(model, {k: v.shape for k, v in sd.items()}, source, strict)
+    model.load_state_dict({k: sd[k] for k in ok}, strict=False)
     return problems
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary name, then rename: an interrupted save never replaces a good checkpoint."""
+def _need(path, fix):
+    """One clear sentence instead of a traceback from deep inside a reader."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'{path} not found: {fix}')
+    return path
+
+
+def _read_json(path, fix):
+    with open(_need(path, fix)) as f:
+        return json.load(f)
+
+
+def _entries(path):
+    """{key: (shape, dtype, load)} of a .safetensors file (header only) or a .pth file (memory-mapped)."""
+    if path.endswith('.safetensors'):
+        f = safe_open(path, framework='pt')
+        return {k: (s.get_shape(), SAFETENSORS_DTYPES[s.get_dtype()], lambda k=k: f.get_tensor(k))
+                for k in f.keys() for s in [f.get_slice(k)]}
+    return {k: (v.shape, v.dtype, lambda v=v: v) for k, v in load_pth(path).items()}
+
+
+def _materialise(model, entries, source, device, dtype, strict):
+    """Fill model from entries {key: (shape, dtype, load)}: check names and shapes first, allocate the model at
+    device/dtype (to_empty when it was built on meta), then copy one tensor at a time."""
+    _, ok = check_keys(model, {k: e[0] for k, e in entries.items()}, source, strict)
+    if dtype is None:  # the file's own dtype
+        found = {entries[k][1] for k in ok if entries[k][1].is_floating_point}
+        if len(found) > 1:
+            raise ValueError(f'{source} mixes dtypes {sorted(map(str, found))}; pass dtype= to pick one')
+        dtype = found.pop() if found else None
+    own = model.state_dict()
+    meta = any(t.is_meta for t in own.values())
+    lost = [n for n, _ in model.named_buffers() if n not in own]
+    if meta and lost:
+        raise ValueError(f'{type(model).__name__} has non-persistent buffers {lost} that no file fills and to_empty '
+                         f'would leave uninitialised; build it on {device} instead of meta')
+    if dtype is not None:
+        model.to(dtype=dtype)  # on meta this only changes the recorded dtype: nothing is allocated yet
+    model.to_empty(device=device) if meta else model.to(device)
+    with torch.no_grad():
+        own = model.state_dict()  # tensors sharing storage with the parameters
+        for k in ok:
+            own[k].copy_(entries[k][2]())
+        if meta:
+            for k in own.keys() - set(ok):  # reachable only with strict=False: no garbage memory, zeros
+                own[k].zero_()
+    return model
+
+
+def load_weights(model, path, device, dtype=None, strict=True):
+    """Load a .pth or .safetensors state dict (official keys) into model, built on meta or not, at device and in the
+    file's dtype unless dtype is given. For the umT5 encoder and the VAEs."""
+    path = str(path)
+    _need(path, 'pass an existing .pth or .safetensors file (the official ones sit at the checkpoint folder root)')
+    return _materialise(model, _entries(path), path, device, dtype, strict)
+
+
+def load_pth(path):
+    """A .pth state dict (models_t5_umt5-xxl-enc-bf16.pth, Wan2.1_VAE.pth, Wan2.2_VAE.pth), memory-mapped: a tensor
+    is read from disk only when used."""
+    _need(str(path), 'pass an existing .pth file (the official ones sit at the checkpoint folder root)')
+    return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+
+
+def pth_to_safetensors(src, dst):
+    """Convert a .pth state dict once, keys and dtypes unchanged."""
+    _atomic(str(dst), lambda tmp: save_file({k: v.contiguous() for k, v in load_pth(src).items()}, tmp,
+                                            metadata={'format': 'pt'}))
+
+
+# ---------------------------------------------------------------------------------------------- the DiT
+
+def dit_kwargs(cfg, source):
+    """A DiT config.json -> (WanModel kwargs, key rename table or None)."""
+    name = cfg.get('_class_name')
+    if name == 'WanModel':  # absent fields take WanModel's defaults, as in the official from_pretrained
+        return {k: cfg[k] for k in (*DIT_CONFIG, *DIT_FIXED) if k in cfg}, None
+    if name != 'WanTransformer3DModel':
+        raise ValueError(f'{source}/config.json has _class_name {name!r}; expected WanModel (official layout) '
+                         'or WanTransformer3DModel (diffusers layout)')
+    odd = {k: cfg[k] for k, v in DIFFUSERS_FIXED.items() if k in cfg and cfg[k] != v}
+    if odd:
+        raise ValueError(f'{source}/config.json asks for {odd}, which WanModel does not implement '
+                         f'(it has {DIFFUSERS_FIXED})')
+    try:
+        i, o = cfg['in_channels'], cfg['out_channels']
+        return dict(model_type='i2v' if i != o else 'ti2v' if i == 48 else 't2v',  # not stored; only recorded
+                    patch_size=tuple(cfg['patch_size']), in_dim=i, out_dim=o, num_heads=cfg['num_attention_heads'],
+                    dim=cfg['num_attention_heads'] * cfg['attention_head_dim'], ffn_dim=cfg['ffn_dim'],
+                    freq_dim=cfg['freq_dim'], text_dim=cfg['text_dim'], num_layers=cfg['num_layers'],
+                    eps=cfg['eps']), DIT_FROM_DIFFUSERS
+    except KeyError as e:
+        raise ValueError(f'{source}/config.json lacks the field {e}; re-download or re-save the folder') from None
+
+
+def dit_files(folder):
+    """The folder's safetensors files: the shards its index json lists, else the single file."""
+    index = os.path.join(folder, INDEX)
+    if os.path.exists(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)['weight_map'].values()))
+        return [_need(os.path.join(folder, n), f'{INDEX} lists it; download the missing shard again') for n in names]
+    return [_need(os.path.join(folder, WEIGHTS), f'the folder has neither {INDEX} (sharded) nor {WEIGHTS}; '
+                  'download the DiT weights into it')]
+
+
+def load_dit(folder, device, dtype=None, strict=True):
+    """An official (`WanModel`) or diffusers (`WanTransformer3DModel`) DiT folder -> WanModel on device, in the
+    file's dtype unless dtype is given."""
+    folder = str(folder)
+    _need(folder, 'pass the folder holding config.json and the DiT safetensors (for A14B see expert_folders)')
+    kwargs, table = dit_kwargs(_read_json(os.path.join(folder, 'config.json'), 'a DiT folder holds config.json next to '
+                                          'its safetensors; pass that folder (for A14B see expert_folders)'), folder)
+    entries = {}
+    for path in dit_files(folder):
+        entries.update(_entries(path))
+    with torch.device('meta'):
+        model = WanModel(**kwargs)
+    return _materialise(model, rename(entries, table) if table else entries, folder, device, dtype, strict)
+
+
+def expert_folders(ckpt_dir):
+    """A checkpoint's DiT folder(s): {'high', 'low'} for A14B (official or diffusers layout), {'single'} otherwise."""
+    ckpt_dir = str(ckpt_dir)
+    for high, low in [('high_noise_model', 'low_noise_model'), ('transformer', 'transformer_2')]:
+        if os.path.isdir(os.path.join(ckpt_dir, high)) and os.path.isdir(os.path.join(ckpt_dir, low)):
+            return {'high': os.path.join(ckpt_dir, high), 'low': os.path.join(ckpt_dir, low)}
+    for single in [ckpt_dir, os.path.join(ckpt_dir, 'transformer')]:  # TI2V-5B / Wan2.1; its diffusers repo
+        if os.path.exists(os.path.join(single, 'config.json')):
+            return {'single': single}
+    raise FileNotFoundError(f'{ckpt_dir} holds no DiT: expected config.json (TI2V-5B, Wan2.1), high_noise_model/ and '
+                            'low_noise_model/ (A14B), or transformer/ [+ transformer_2/] (diffusers); '
+                            'pass the downloaded checkpoint folder')
+
+
+def export_dit(model, folder, dtype=None, max_shard_bytes=10 * 10**9):
+    """Write model as an official DiT folder that load_dit and the official code read: config.json and
+    diffusion_pytorch_model.safetensors, sharded with an index json above max_shard_bytes. Written beside as
+    folder.tmp and renamed, so folder is never half-written."""
+    m, folder = model, os.path.normpath(str(folder))
+    cfg = dict(_class_name='WanModel', model_type=m.model_type, text_len=m.text_len,
+               in_dim=m.patch_embedding.in_channels, dim=m.patch_embedding.out_channels,
+               ffn_dim=m.blocks[0].ffn[0].out_features, freq_dim=m.freq_dim, out_dim=m.out_dim, num_heads=m.num_heads,
+               num_layers=len(m.blocks), eps=m.blocks[0].norm1.eps)
+    extra = dict(text_dim=m.text_embedding[0].in_features, patch_size=list(m.patch_size))
+    cfg.update({k: v for k, v in extra.items() if v != DIT_FIXED[k]})
+    sd = model.state_dict()
+    shards, size = [[]], 0  # greedy, in state-dict order, by size at the written dtype
+    for k, v in sd.items():
+        n = v.numel() * (dtype or v.dtype).itemsize
+        if shards[-1] and size + n > max_shard_bytes:
+            shards, size = shards + [[]], 0
+        shards[-1].append(k)
+        size += n
+    names = [WEIGHTS] if len(shards) == 1 else \
+        [f'diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))]
+    tmp, old = folder + '.tmp', folder + '.old'
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted export
+    os.makedirs(tmp)
+    try:
+        for name, keys in zip(names, shards):  # one shard at a time on the host
+            save_file({k: sd[k].detach().to('cpu', dtype or sd[k].dtype).contiguous() for k in keys},
+                      os.path.join(tmp, name), metadata={'format': 'pt'})
+        if len(shards) > 1:
+            total = sum(sd[k].numel() * (dtype or sd[k].dtype).itemsize for k in sd)
+            weight_map = {k: name for name, keys in zip(names, shards) for k in keys}
+            with open(os.path.join(tmp, INDEX), 'w') as f:
+                json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2)
+        with open(os.path.join(tmp, 'config.json'), 'w') as f:
+            json.dump(cfg, f, indent=2)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(folder):  # a crash between the renames leaves the previous export whole at folder.old
+        os.rename(folder, old)
+    os.rename(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _atomic(path, write):
+    """write(tmp) then rename: an interrupted save never replaces a good file."""
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    tmp = path + '.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write(path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary name, then rename."""
+    _atomic(path, lambda tmp: torch.save(obj, tmp))

@@ -10,6 +10,7 @@ import math
 import os
 import re
 
+import ftfy
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -138,6 +139,14 @@ class T5Encoder(nn.Module):
                 m.weight.fill_(1.0)
         return self
 
+def t5_config(sd):
+    """T5Encoder arguments read off a state dict's shapes (the relative-bias table reveals the head count)."""
+    bias = sd['blocks.0.pos_embedding.embedding.weight']
+    return dict(vocab=sd['token_embedding.weight'].shape[0], dim=sd['token_embedding.weight'].shape[1],
+                dim_attn=sd['blocks.0.attn.q.weight'].shape[0], dim_ffn=sd['blocks.0.ffn.fc1.weight'].shape[0],
+                num_heads=bias.shape[1], num_layers=len({k.split('.')[1] for k in sd if k.startswith('blocks.')}),
+                num_buckets=bias.shape[0])
+
 @torch.no_grad()  # the text encoder is frozen
 def encode(model, ids, mask, text_len=512):
     """Run the encoder, keep each sample's real rows (incl. EOS), zero the rest: what the Wan DiT consumes."""
@@ -175,13 +184,8 @@ def hf_to_official(sd):
 # tokenizer
 
 def clean_text(text):
-    """The official 'whitespace' cleaning: ftfy.fix_text (when installed), html unescape twice, collapse whitespace."""
-    try:
-        import ftfy  # optional: it only changes mojibake, curly quotes and the like
-        text = ftfy.fix_text(text)
-    except ImportError:
-        pass
-    text = html.unescape(html.unescape(text)).strip()
+    """The official 'whitespace' cleaning: ftfy.fix_text, html unescape twice, collapse whitespace."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return re.sub(r'\s+', ' ', text).strip()
 
 def build_tokenizer(texts, path, vocab_size=512):
@@ -205,12 +209,11 @@ class Tokenizer:
     def __init__(self, path):
         path = str(path)
         if os.path.isdir(path):
-            found = [os.path.join(path, n) for n in ('tokenizer.json', 'spiece.model')
-                     if os.path.exists(os.path.join(path, n))]
-            if not found:
-                raise FileNotFoundError(f'{path} holds neither tokenizer.json nor spiece.model; pass the '
-                                        "checkpoint's google/umt5-xxl folder")
-            path = found[0]
+            path = next((os.path.join(path, n) for n in ('tokenizer.json', 'spiece.model')
+                         if os.path.exists(os.path.join(path, n))), path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'{path} is no tokenizer file nor a folder holding tokenizer.json or spiece.model; '
+                                    "pass one of those, e.g. the checkpoint's google/umt5-xxl folder")
         if path.endswith('.model'):
             import sentencepiece
             self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
