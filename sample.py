@@ -1,47 +1,111 @@
-"""Text-to-video sampling from a run of train_dit.py.
+"""Text- and image-to-video sampling from a train_dit.py run or an official Wan2.2 checkpoint folder.
 
-    python sample.py                                    # the default run out/dit, writes out/dit/sample.mp4
-    python sample.py --prompt="a blue square moves up over ..." --guidance=4 --steps=30
+    python sample.py                                         # the default run out/dit -> out/dit/sample.mp4
+    python sample.py --ckpt_dir=Wan2.2-TI2V-5B --model=ti2v-5b --prompt="..." [--image=first_frame.jpg]
+    python sample.py --ckpt_dir=Wan2.2-T2V-A14B --model=t2v-a14b --prompt="..." --size=832*480
 """
+import collections
+import math
 import os
 
+import numpy as np
 import torch
 
 from data import write_video
-from models.checkpoint import load_state_dict
+from models.checkpoint import expert_folders, load_dit, load_state_dict, load_t5, load_vae
 from models.settings import configure
 from models.t5 import T5Encoder, Tokenizer, configs as t5_configs, encode
+from models.unipc import UniPC
 from models.vae import load_codec
 from models.wan import WanModel
 
-out_dir = 'out/dit'            # the run to load (its ckpt.pt and tokenizer.json)
-prompt = 'a red circle moves right over a grey checkered floor'  # the caption to render
-negative_prompt = ''           # the caption guidance steers away from
-out = ''                       # mp4 path; '' = out_dir/sample.mp4
-steps = 50                     # denoising steps
-shift = 3.0                    # sigma = shift*s / (1 + (shift-1)*s) on the uniform grid; more = more time at high noise
-guidance = 4.0                 # classifier-free guidance scale (1 = off)
-seed = 0                       # seeds the initial noise
+out_dir = 'out/dit'            # a train_dit.py run to sample from (used when ckpt_dir is '')
+ckpt_dir = ''                  # an official Wan2.2/2.1 checkpoint folder (official or diffusers DiT layout)
+model = 'ti2v-5b'              # which official model ckpt_dir holds: t2v-a14b | i2v-a14b | ti2v-5b | t2v-1.3b | t2v-14b
+prompt = 'a red circle moves right over a dark grey checkered floor'  # the caption to render
+negative_prompt = ''           # '' = the official default negative prompt (runs: the empty caption)
+image = ''                     # first frame for image-to-video (i2v-a14b, or ti2v-5b)
+out = ''                       # mp4 path; '' = out_dir/sample.mp4 (runs) or sample.mp4
+solver = 'unipc'               # unipc (the official default) | euler
+steps = 0                      # denoising steps; 0 = the model's default
+shift = 0.0                    # sigma = shift*s / (1 + (shift-1)*s); 0 = the model's default
+guidance = 0.0                 # classifier-free guidance scale for both A14B experts; 0 = the model's default
+size = ''                      # 'W*H'; '' = the model's default (image-to-video: its area, the image's aspect)
+frames = 0                     # pixel frames (1 + 4k); 0 = the model's default
+seed = 0                       # seeds the initial noise (drawn on the sampling device, as officially)
+offload = True                 # keep umT5 and the idle A14B expert on the CPU, so one GPU holds the rest
+dtype = ''                     # DiT weights: '' = as stored (official fp32, bf16 autocast) | bfloat16 (half memory)
 device = 'auto'                # auto = cuda when available, else cpu
 
 cfg = configure(globals(), __file__)
 
+# official sampling defaults (reference/wan22.md sections 2 and 5); guidance is (low-noise, high-noise)
+OFFICIAL = {
+    't2v-a14b': dict(vae='wan2.1', frames=81, fps=16, size='1280*720', steps=40, shift=12.0, guidance=(3.0, 4.0),
+                     boundary=0.875),
+    'i2v-a14b': dict(vae='wan2.1', frames=81, fps=16, size='1280*720', steps=40, shift=5.0, guidance=(3.5, 3.5),
+                     boundary=0.900),
+    'ti2v-5b': dict(vae='wan2.2', frames=121, fps=24, size='1280*704', steps=50, shift=5.0, guidance=(5.0, 5.0)),
+    't2v-1.3b': dict(vae='wan2.1', frames=81, fps=16, size='832*480', steps=50, shift=5.0, guidance=(5.0, 5.0)),
+    't2v-14b': dict(vae='wan2.1', frames=81, fps=16, size='1280*720', steps=50, shift=5.0, guidance=(5.0, 5.0)),
+}
+VAE_FILES = {'wan2.1': 'Wan2.1_VAE.pth', 'wan2.2': 'Wan2.2_VAE.pth'}
+T5_FILE = 'models_t5_umt5-xxl-enc-bf16.pth'
+NEG_PROMPT = ('色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，'
+              '残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，'
+              '三条腿，背景人很多，倒着走')
 
-def euler(dit, x, cond, uncond, steps, shift, guidance):
-    """Euler steps of the flow ODE dx/dsigma = v from sigma = 1 to 0, with CFG over one batched forward."""
-    sigmas = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
-    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
-    context = torch.cat([cond, uncond])
-    for i in range(steps):
-        t = (sigmas[i] * 1000).long().float().to(x.device)  # the model sees integer timesteps, as officially
-        v_cond, v_uncond = dit(torch.cat([x, x]), t.expand(2 * x.shape[0]), context).chunk(2)
-        v = v_uncond + guidance * (v_cond - v_uncond)
-        x = x + (sigmas[i + 1] - sigmas[i]).item() * v
-    return x
+
+class Euler:
+    """First-order flow steps x += (sigma_next - sigma) v on the shifted grid from sigma = 1; UniPC's interface."""
+    def __init__(self, steps, shift):
+        s = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+        self.sigmas = shift * s / (1 + (shift - 1) * s)
+        self.timesteps = (self.sigmas[:-1] * 1000).long()  # integer model timesteps, as officially
+        self.index = 0
+
+    def step(self, v, x):
+        self.index += 1
+        return x.float() + (self.sigmas[self.index] - self.sigmas[self.index - 1]).item() * v.float()
 
 
-def main():
-    dev = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device)
+def best_output_size(w, h, dw, dh, area):
+    """Official TI2V rounding: the (W, H) multiple of (dw, dh) within `area` whose aspect is closest to w/h."""
+    ratio = w / h
+    ow1 = int((area * ratio) ** 0.5 // dw * dw)
+    oh1 = int(area / ow1 // dh * dh)
+    oh2 = int((area / ratio) ** 0.5 // dh * dh)
+    ow2 = int(area / oh2 // dw * dw)
+    err = lambda ow, oh: max(ratio * oh / ow, ow / (oh * ratio))
+    return (ow1, oh1) if err(ow1, oh1) < err(ow2, oh2) else (ow2, oh2)
+
+
+def load_image(path):
+    from PIL import Image
+    if not os.path.exists(path):
+        raise SystemExit(f"image '{path}' not found")
+    return Image.open(path).convert('RGB')
+
+
+def to_tensor(img):
+    """PIL image -> [3, H, W] in [-1, 1]."""
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+
+def load_official(dev):
+    """The DiT expert(s), umT5 and VAE of an official folder, each read straight to its device in its file dtype."""
+    d = OFFICIAL[model]
+    store = torch.device('cpu') if offload else dev
+    experts = {k: load_dit(f, store, getattr(torch, dtype) if dtype else None).eval().requires_grad_(False)
+               for k, f in expert_folders(ckpt_dir).items()}
+    t5 = load_t5(os.path.join(ckpt_dir, T5_FILE), store)
+    vae = load_vae(os.path.join(ckpt_dir, VAE_FILES[d['vae']]), dev)
+    tok = Tokenizer(os.path.join(ckpt_dir, 'google', 'umt5-xxl'))
+    return experts, t5, tok, vae, d
+
+
+def load_run(dev):
+    """The DiT, frozen debug umT5, tokenizer and codec of a train_dit.py run."""
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.exists(ckpt_path):
         raise SystemExit(f'{ckpt_path} does not exist: train first (python train_dit.py) or point --out_dir at a run')
@@ -49,26 +113,98 @@ def main():
     run = ckpt['config']
     dit = WanModel(**ckpt['arch'])
     load_state_dict(dit, ckpt['model'], ckpt_path)
-    dit.to(dev).eval()
     t5 = T5Encoder(**t5_configs['debug'])
     load_state_dict(t5, ckpt['t5'], ckpt_path + ' (t5)')
-    t5.to(dev).eval()
-    tok = Tokenizer(os.path.join(out_dir, 'tokenizer.json'))
-    codec = load_codec(run['vae'])
+    d = dict(vae=run['vae'], frames=run['frames'], fps=ckpt['fps'], size=f"{run['width']}*{run['height']}",
+             steps=50, shift=3.0, guidance=(4.0, 4.0))
+    return {'single': dit.to(dev).eval()}, t5.to(dev).eval(), Tokenizer(os.path.join(out_dir, 'tokenizer.json')), \
+        load_codec(run['vae']), d
 
-    torch.manual_seed(seed)
-    T = (run['frames'] - 1) // codec.stride[0] + 1
-    shape = (1, dit.out_dim, T, run['height'] // codec.stride[1], run['width'] // codec.stride[2])
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dev)
+
+def main():
+    dev = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device)
+    if ckpt_dir and model not in OFFICIAL:
+        raise SystemExit(f"unknown model '{model}'; choose one of {', '.join(OFFICIAL)}")
+    if ckpt_dir and model == 'i2v-a14b' and not image:
+        raise SystemExit('i2v-a14b generates from a first frame: pass --image=<path>')
+    if solver not in ('unipc', 'euler'):
+        raise SystemExit(f"unknown solver '{solver}'; choose unipc or euler")
+    experts, t5, tok, codec, d = load_official(dev) if ckpt_dir else load_run(dev)
+    if ('high' in experts) != ('boundary' in d):
+        raise SystemExit(f"{ckpt_dir} holds {', '.join(experts)} DiT folder(s), which does not fit model={model}")
+    any_dit = next(iter(experts.values()))
+    n_frames = frames or d['frames']
+    w, h = (int(v) for v in (size or d['size']).split('*'))
+    guide = (guidance, guidance) if guidance else d['guidance']
+    st, sh = steps or d['steps'], shift or d['shift']
+    if (n_frames - 1) % 4:
+        raise SystemExit(f'frames must be 1 + 4k, got {n_frames}')
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if dev.type == 'cuda' else torch.autocast('cpu', enabled=False)
-    with torch.no_grad(), autocast:
-        ids, mask = tok([prompt, negative_prompt], dit.text_len)
-        cond, uncond = encode(t5, ids.to(dev), mask.to(dev), dit.text_len).chunk(2)
-        latents = euler(dit, noise, cond, uncond, steps, shift, guidance)
-        video = codec.decode(latents.float()).clamp(-1, 1)
-    path = out or os.path.join(out_dir, 'sample.mp4')
-    write_video(path, video[0].cpu(), ckpt['fps'])
-    print(f'wrote {path}: {video.shape[2]} frames of {video.shape[3]}x{video.shape[4]} at {ckpt["fps"]:g} fps')
+
+    with torch.no_grad():
+        ids, mask = tok([prompt, negative_prompt or (NEG_PROMPT if ckpt_dir else '')], any_dit.text_len)
+        t5_dev = next(t5.parameters()).device
+        context = encode(t5, ids.to(t5_dev), mask.to(t5_dev), any_dit.text_len).to(dev)
+        cond, uncond = context[:1], context[1:]
+
+        # the conditioning image: I2V-A14B concatenates mask + image latents, TI2V-5B pins the first latent frame
+        y, first = None, None
+        if image and model == 'i2v-a14b' and ckpt_dir:
+            img = to_tensor(load_image(image))
+            aspect = img.shape[1] / img.shape[2]
+            s, p = codec.stride[1], any_dit.patch_size[1]
+            lat_h = round(math.sqrt(w * h * aspect) // s // p * p)
+            lat_w = round(math.sqrt(w * h / aspect) // s // p * p)
+            h, w = lat_h * s, lat_w * s
+            img = torch.nn.functional.interpolate(img[None], size=(h, w), mode='bicubic')
+            clip = torch.cat([img[:, :, None], torch.zeros(1, 3, n_frames - 1, h, w)], dim=2)
+            msk = torch.zeros(1, 4, (n_frames - 1) // 4 + 1, lat_h, lat_w)
+            msk[:, :, 0] = 1  # frame 0 is given: its 4 "pixel frames" in the 4 mask channels
+            y = torch.cat([msk.to(dev), codec.encode(clip.to(dev))], dim=1)
+        elif image and ckpt_dir:
+            from PIL import Image
+            img = load_image(image)
+            ow, oh = best_output_size(img.width, img.height, 32, 32, w * h)
+            scale = max(ow / img.width, oh / img.height)
+            img = img.resize((round(img.width * scale), round(img.height * scale)), Image.LANCZOS)
+            x1, y1 = (img.width - ow) // 2, (img.height - oh) // 2
+            w, h = ow, oh
+            first = codec.encode(to_tensor(img.crop((x1, y1, x1 + ow, y1 + oh)))[None, :, None].to(dev))
+        elif image:
+            raise SystemExit('image= needs an official image-to-video model (i2v-a14b or ti2v-5b) in ckpt_dir')
+        if h % (codec.stride[1] * 2) or w % (codec.stride[2] * 2):
+            raise SystemExit(f'size {w}*{h} must be a multiple of {2 * codec.stride[2]} on both sides for this model')
+
+        shape = (any_dit.out_dim, (n_frames - 1) // codec.stride[0] + 1, h // codec.stride[1], w // codec.stride[2])
+        x = torch.randn(shape, generator=torch.Generator(dev).manual_seed(seed), device=dev)[None]
+        keep = torch.ones_like(x)
+        if first is not None:
+            keep[:, :, 0] = 0  # latent frame 0 is the image's, re-imposed after every step
+            x = (1 - keep) * first + keep * x
+        sampler = UniPC(st, sh) if solver == 'unipc' else Euler(st, sh)
+        boundary, used = d.get('boundary', 0) * 1000, collections.Counter()
+        for t in sampler.timesteps:
+            high = 'high' in experts and t.item() >= boundary
+            name = 'single' if 'single' in experts else 'high' if high else 'low'
+            if offload and dev.type == 'cuda':  # only the active expert on the GPU
+                for k, m in experts.items():
+                    m.to(dev if k == name else 'cpu')
+            dit, used[name] = experts[name].to(dev), used[name] + 1
+            tt = t.to(dev, torch.float32).view(1)
+            if first is not None:  # per-token timesteps: 0 for the given frame's tokens
+                tt = (keep[0, 0, :, ::2, ::2] * tt).flatten()[None]
+            with autocast:
+                v_cond = dit(x, tt, cond, y)
+                v_uncond = dit(x, tt, uncond, y)
+            g = guide[1] if high else guide[0]
+            x = sampler.step(v_uncond + g * (v_cond - v_uncond), x)
+            if first is not None:
+                x = (1 - keep) * first + keep * x
+        video = codec.decode(x.float()).clamp(-1, 1)
+    path = out or (os.path.join(out_dir, 'sample.mp4') if not ckpt_dir else 'sample.mp4')
+    write_video(path, video[0].cpu(), d['fps'])
+    print(f'wrote {path}: {video.shape[2]} frames of {video.shape[4]}x{video.shape[3]} at {d["fps"]:g} fps; '
+          f'steps per expert: {dict(used)}')
 
 
 if __name__ == '__main__':

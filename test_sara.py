@@ -1547,3 +1547,45 @@ def test_pair_budget_soft_weights_against_brute_force():
     assert b.keys() == ref.keys()
     for k in ref:
         assert math.isclose(b[k], ref[k], rel_tol=1e-9, abs_tol=1e-12), k
+
+
+# ---------------------------------------------------------------------------------------------- sample.py on official folders
+
+def fake_official(root, model_type, in_dim, vae, experts):
+    """An official checkpoint folder at tiny sizes: DiT folder(s), umT5 .pth, VAE .pth, google/umt5-xxl tokenizer."""
+    torch.manual_seed(0)
+    for folder in experts:  # first: export_dit refuses folders that hold other files
+        dit = WanModel(model_type=model_type, in_dim=in_dim, out_dim=vae.z_dim, dim=128, ffn_dim=64, num_heads=1,
+                       num_layers=2, text_dim=64)
+        export_dit(randomise_dit(dit), str(root / folder))
+    os.makedirs(root / 'google' / 'umt5-xxl')
+    build_tokenizer(['a red circle moves right', 'a blue square'], root / 'google' / 'umt5-xxl' / 'tokenizer.json')
+    torch.save(T5Encoder(**t5_configs['debug']).init_weights(0).state_dict(), root / 'models_t5_umt5-xxl-enc-bf16.pth')
+    torch.save(vae.state_dict(), root / ('Wan2.2_VAE.pth' if vae.wan22 else 'Wan2.1_VAE.pth'))
+    with pytest.raises(ValueError, match='holds other files'):
+        export_dit(dit, str(root))
+    return root
+
+
+@pytest.mark.parametrize('model,frames', [('ti2v-5b', 5), ('t2v-a14b', 9), ('i2v-a14b', 5)])
+def test_sample_official_folders(tmp_path, model, frames):
+    from PIL import Image
+    import decord
+    if model == 'ti2v-5b':
+        vae, in_dim, experts = WanVAE(z_dim=6, dim=8, dec_dim=12, wan22=True, num_res_blocks=1), 6, ['']
+    else:
+        vae, experts = WanVAE(z_dim=4, dim=8, num_res_blocks=1), ['high_noise_model', 'low_noise_model']
+        in_dim = 12 if model == 'i2v-a14b' else 4  # i2v: noise + 4 mask channels + image latents
+    root = fake_official(tmp_path / 'ckpt', 't2v' if model == 't2v-a14b' else model[:4], in_dim, vae, experts)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 200, 3), dtype=np.uint8)).save(tmp_path / 'im.png')
+    args = [f'--ckpt_dir={root}', f'--model={model}', f'--frames={frames}', '--steps=8', f'--out={tmp_path}/o.mp4']
+    args += [] if model == 't2v-a14b' else [f'--image={tmp_path}/im.png']
+    r = run('sample.py', *args, '--size=96*64')
+    assert r.returncode == 0, r.stderr
+    vr = decord.VideoReader(str(tmp_path / 'o.mp4'))
+    # TI2V rounds to the image's aspect within the area (96x64 here); I2V-A14B keeps the area at the aspect 1:2
+    w, h = {'ti2v-5b': (96, 64), 't2v-a14b': (96, 64), 'i2v-a14b': (96, 48)}[model]
+    assert (len(vr), *vr[0].shape) == (frames, h, w, 3)
+    if model != 'ti2v-5b':
+        high = expert_split(UniPC(8, 12.0 if model == 't2v-a14b' else 5.0).timesteps, 0.875 if model == 't2v-a14b' else 0.9)
+        assert f"steps per expert: {{'high': {high}, 'low': {8 - high}}}" in r.stdout

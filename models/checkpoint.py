@@ -12,6 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from models.t5 import T5Encoder, t5_config
+from models.vae import WanVAE, vae_config
 from models.wan import WanModel
 
 # diffusers WanTransformer3DModel key -> official Wan DiT key (diffusers scripts/convert_wan_to_diffusers.py)
@@ -140,6 +142,25 @@ def load_weights(model, path, device, dtype=None, strict=True):
     return _materialise(model, _entries(path), path, device, dtype, strict)
 
 
+def load_t5(path, device, dtype=None):
+    """The umT5 encoder of models_t5_umt5-xxl-enc-bf16.pth (or a .safetensors copy), sized by the file's shapes."""
+    return _from_file(lambda shapes: T5Encoder(**t5_config(shapes)), path, device, dtype)
+
+
+def load_vae(path, device):
+    """A Wan VAE from Wan2.1_VAE.pth / Wan2.2_VAE.pth, sized by the file's shapes; fp32, as officially."""
+    return _from_file(lambda shapes: WanVAE(**vae_config(shapes)), path, device, torch.float32)
+
+
+def _from_file(build, path, device, dtype):
+    path = str(path)
+    _need(path, 'pass an existing .pth or .safetensors file (the official ones sit at the checkpoint folder root)')
+    entries = _entries(path)
+    with torch.device('meta'):
+        model = build({k: tuple(e[0]) for k, e in entries.items()})
+    return _materialise(model, entries, path, device, dtype, strict=True).eval().requires_grad_(False)
+
+
 def load_pth(path):
     """A .pth state dict (models_t5_umt5-xxl-enc-bf16.pth, Wan2.1_VAE.pth, Wan2.2_VAE.pth), memory-mapped: a tensor
     is read from disk only when used."""
@@ -223,6 +244,11 @@ def export_dit(model, folder, dtype=None, max_shard_bytes=10 * 10**9):
     diffusion_pytorch_model.safetensors, sharded with an index json above max_shard_bytes. Written beside as
     folder.tmp and renamed, so folder is never half-written."""
     m, folder = model, os.path.normpath(str(folder))
+    other = [n for n in (os.listdir(folder) if os.path.isdir(folder) else [])
+             if n != 'config.json' and not n.startswith('diffusion_pytorch_model')]
+    if other:  # the folder is replaced whole: never take a user's other files with it
+        raise ValueError(f"{folder} holds other files ({', '.join(sorted(other)[:4])}); export the DiT to a folder "
+                         f"of its own")
     cfg = dict(_class_name='WanModel', model_type=m.model_type, text_len=m.text_len,
                in_dim=m.patch_embedding.in_channels, dim=m.patch_embedding.out_channels,
                ffn_dim=m.blocks[0].ffn[0].out_features, freq_dim=m.freq_dim, out_dim=m.out_dim, num_heads=m.num_heads,

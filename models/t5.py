@@ -139,13 +139,13 @@ class T5Encoder(nn.Module):
                 m.weight.fill_(1.0)
         return self
 
-def t5_config(sd):
-    """T5Encoder arguments read off a state dict's shapes (the relative-bias table reveals the head count)."""
-    bias = sd['blocks.0.pos_embedding.embedding.weight']
-    return dict(vocab=sd['token_embedding.weight'].shape[0], dim=sd['token_embedding.weight'].shape[1],
-                dim_attn=sd['blocks.0.attn.q.weight'].shape[0], dim_ffn=sd['blocks.0.ffn.fc1.weight'].shape[0],
-                num_heads=bias.shape[1], num_layers=len({k.split('.')[1] for k in sd if k.startswith('blocks.')}),
-                num_buckets=bias.shape[0])
+def t5_config(shapes):
+    """T5Encoder arguments read off {key: shape} of a state dict (the relative-bias table gives the head count)."""
+    vocab, dim = shapes['token_embedding.weight']
+    buckets, heads = shapes['blocks.0.pos_embedding.embedding.weight']
+    return dict(vocab=vocab, dim=dim, dim_attn=shapes['blocks.0.attn.q.weight'][0],
+                dim_ffn=shapes['blocks.0.ffn.fc1.weight'][0], num_heads=heads, num_buckets=buckets,
+                num_layers=len({k.split('.')[1] for k in shapes if k.startswith('blocks.')}))
 
 @torch.no_grad()  # the text encoder is frozen
 def encode(model, ids, mask, text_len=512):

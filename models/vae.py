@@ -301,16 +301,16 @@ class WanVAE(nn.Module):
                           for i, row in enumerate(rows)], -2)
 
 
-def vae_config(sd):
-    """WanVAE arguments read off an official-key state dict: the released files give the configs above (with
-    their latent statistics), smaller test-made files their own widths."""
-    wan22 = sd['encoder.conv1.weight'].shape[1] == 12
+def vae_config(shapes):
+    """WanVAE arguments read off {key: shape} of an official state dict: the released files give the configs
+    above (with their latent statistics), smaller test-made files their own widths."""
+    wan22 = shapes['encoder.conv1.weight'][1] == 12
     prefix = 'encoder.downsamples.0.downsamples.' if wan22 else 'encoder.downsamples.'
-    blocks = len({k[len(prefix):].split('.')[0] for k in sd if k.startswith(prefix)})
-    cfg = dict(z_dim=sd['conv2.weight'].shape[0], dim=sd['encoder.conv1.weight'].shape[0], wan22=wan22,
+    blocks = len({k[len(prefix):].split('.')[0] for k in shapes if k.startswith(prefix)})
+    cfg = dict(z_dim=shapes['conv2.weight'][0], dim=shapes['encoder.conv1.weight'][0], wan22=wan22,
                num_res_blocks=blocks - 1 if wan22 else (blocks - 3) // 4)  # + 1 downsampler; 2.1: 4 stages, 3 resamples
     if wan22:
-        cfg['dec_dim'] = sd['decoder.head.2.weight'].shape[1]
+        cfg['dec_dim'] = shapes['decoder.head.2.weight'][1]
     ref = configs['wan2.2' if wan22 else 'wan2.1']
     return ref if all(ref.get(k, 2) == v for k, v in cfg.items()) else cfg  # (ref leaves num_res_blocks at 2)
 
