@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from data import write_video
-from models.checkpoint import expert_folders, load_dit, load_state_dict, load_t5, load_vae
+from models.checkpoint import expert_folders, load_dit, load_state_dict, load_text_and_vae
 from models.settings import configure
 from models.t5 import T5Encoder, Tokenizer, configs as t5_configs, encode
 from models.unipc import UniPC
@@ -41,16 +41,14 @@ cfg = configure(globals(), __file__)
 
 # official sampling defaults (reference/wan22.md sections 2 and 5); guidance is (low-noise, high-noise)
 OFFICIAL = {
-    't2v-a14b': dict(vae='wan2.1', frames=81, fps=16, size='1280*720', steps=40, shift=12.0, guidance=(3.0, 4.0),
+    't2v-a14b': dict(frames=81, fps=16, size='1280*720', steps=40, shift=12.0, guidance=(3.0, 4.0),
                      boundary=0.875),
-    'i2v-a14b': dict(vae='wan2.1', frames=81, fps=16, size='1280*720', steps=40, shift=5.0, guidance=(3.5, 3.5),
+    'i2v-a14b': dict(frames=81, fps=16, size='1280*720', steps=40, shift=5.0, guidance=(3.5, 3.5),
                      boundary=0.900),
-    'ti2v-5b': dict(vae='wan2.2', frames=121, fps=24, size='1280*704', steps=50, shift=5.0, guidance=(5.0, 5.0)),
-    't2v-1.3b': dict(vae='wan2.1', frames=81, fps=16, size='832*480', steps=50, shift=5.0, guidance=(5.0, 5.0)),
-    't2v-14b': dict(vae='wan2.1', frames=81, fps=16, size='1280*720', steps=50, shift=5.0, guidance=(5.0, 5.0)),
+    'ti2v-5b': dict(frames=121, fps=24, size='1280*704', steps=50, shift=5.0, guidance=(5.0, 5.0)),
+    't2v-1.3b': dict(frames=81, fps=16, size='832*480', steps=50, shift=5.0, guidance=(5.0, 5.0)),
+    't2v-14b': dict(frames=81, fps=16, size='1280*720', steps=50, shift=5.0, guidance=(5.0, 5.0)),
 }
-VAE_FILES = {'wan2.1': 'Wan2.1_VAE.pth', 'wan2.2': 'Wan2.2_VAE.pth'}
-T5_FILE = 'models_t5_umt5-xxl-enc-bf16.pth'
 NEG_PROMPT = ('色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，'
               '残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，'
               '三条腿，背景人很多，倒着走')
@@ -94,18 +92,15 @@ def to_tensor(img):
 
 def load_official(dev):
     """The DiT expert(s), umT5 and VAE of an official folder, each read straight to its device in its file dtype."""
-    d = OFFICIAL[model]
     store = torch.device('cpu') if offload else dev
     experts = {k: load_dit(f, store, getattr(torch, dtype) if dtype else None).eval().requires_grad_(False)
                for k, f in expert_folders(ckpt_dir).items()}
-    t5 = load_t5(os.path.join(ckpt_dir, T5_FILE), store)
-    vae = load_vae(os.path.join(ckpt_dir, VAE_FILES[d['vae']]), dev)
-    tok = Tokenizer(os.path.join(ckpt_dir, 'google', 'umt5-xxl'))
-    return experts, t5, tok, vae, d
+    t5, tok, vae = load_text_and_vae(ckpt_dir, next(iter(experts.values())).out_dim, store, dev)
+    return experts, t5, tok, vae, OFFICIAL[model]
 
 
 def load_run(dev):
-    """The DiT, frozen debug umT5, tokenizer and codec of a train_dit.py run."""
+    """The DiT of a train_dit.py run, with its text encoder (debug umT5 or official) and codec."""
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.exists(ckpt_path):
         raise SystemExit(f'{ckpt_path} does not exist: train first (python train_dit.py) or point --out_dir at a run')
@@ -113,12 +108,15 @@ def load_run(dev):
     run = ckpt['config']
     dit = WanModel(**ckpt['arch'])
     load_state_dict(dit, ckpt['model'], ckpt_path)
-    t5 = T5Encoder(**t5_configs['debug'])
-    load_state_dict(t5, ckpt['t5'], ckpt_path + ' (t5)')
-    d = dict(vae=run['vae'], frames=run['frames'], fps=ckpt['fps'], size=f"{run['width']}*{run['height']}",
-             steps=50, shift=3.0, guidance=(4.0, 4.0))
-    return {'single': dit.to(dev).eval()}, t5.to(dev).eval(), Tokenizer(os.path.join(out_dir, 'tokenizer.json')), \
-        load_codec(run['vae']), d
+    if run['ckpt_dir']:
+        t5, tok, codec = load_text_and_vae(run['ckpt_dir'], dit.out_dim, 'cpu' if offload else dev, dev)
+    else:
+        t5 = T5Encoder(**t5_configs['debug'])
+        load_state_dict(t5, ckpt['t5'], ckpt_path + ' (t5)')
+        t5, tok, codec = t5.to(dev).eval(), Tokenizer(os.path.join(out_dir, 'tokenizer.json')), load_codec('pixel')
+    d = dict(frames=run['frames'], fps=ckpt['fps'], size=f"{run['width']}*{run['height']}", steps=50, shift=3.0,
+             guidance=(4.0, 4.0))
+    return {'single': dit.to(dev).eval()}, t5, tok, codec, d
 
 
 def main():

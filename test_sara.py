@@ -1205,7 +1205,7 @@ def test_tokenizer_missing_files_are_named(tmp_path):
 # diffusers AutoencoderKLWan arguments for the official Wan2.2 layout (its scripts/convert_wan_to_diffusers.py)
 DIFFUSERS_WAN22 = dict(is_residual=True, patch_size=2, in_channels=12, out_channels=12, scale_factor_spatial=16)
 # tiny configs: (our WanVAE arguments, the matching diffusers AutoencoderKLWan arguments)
-TINY = {
+VAE_TINY = {
     'wan2.1': (dict(z_dim=4, dim=8, wan22=False, num_res_blocks=2),
                dict(base_dim=8, z_dim=4, num_res_blocks=2)),
     'wan2.2': (dict(z_dim=6, dim=8, dec_dim=12, wan22=True, num_res_blocks=1),  # dec_dim != dim on purpose
@@ -1216,7 +1216,7 @@ TINY = {
 def tiny_pair(name):
     """A diffusers VAE with every weight random (RMS gammas too) and our codec loaded from its renamed state dict."""
     diffusers = pytest.importorskip('diffusers')
-    ours_cfg, ref_cfg = TINY[name]
+    ours_cfg, ref_cfg = VAE_TINY[name]
     g = torch.Generator().manual_seed(0)
     z = ours_cfg['z_dim']
     mean, std = (torch.randn(z, generator=g) * 0.5).tolist(), (torch.rand(z, generator=g) + 0.5).tolist()
@@ -1327,7 +1327,7 @@ def test_wan_vae_official_sizes(name, tensors, params, shapes):
 @pytest.mark.usefixtures('no_onednn')
 @pytest.mark.parametrize('name', ['wan2.1', 'wan2.2'])
 def test_wan_vae_roundtrip_shapes(name):
-    vae = WanVAE(**TINY[name][0]).eval()
+    vae = WanVAE(**VAE_TINY[name][0]).eval()
     s = vae.stride[1]
     for k in (0, 2):
         video = torch.rand(1, 3, 1 + 4 * k, s, 2 * s) * 2 - 1
@@ -1589,3 +1589,25 @@ def test_sample_official_folders(tmp_path, model, frames):
     if model != 'ti2v-5b':
         high = expert_split(UniPC(8, 12.0 if model == 't2v-a14b' else 5.0).timesteps, 0.875 if model == 't2v-a14b' else 0.9)
         assert f"steps per expert: {{'high': {high}, 'low': {8 - high}}}" in r.stdout
+
+
+def test_train_from_official_folder_and_export(tmp_path):
+    vae = WanVAE(z_dim=6, dim=8, dec_dim=12, wan22=True, num_res_blocks=1)
+    root = fake_official(tmp_path / 'ckpt', 'ti2v', 6, vae, [''])
+    make_shapes(tmp_path / 'data', n_train=4, n_val=1, frames=9, size=32, fps=8, seed=0)
+    args = [f'--data={tmp_path}/data/train.jsonl', f'--ckpt_dir={root}', f'--init_from={root}', '--frames=5',
+            '--height=32', '--width=32', '--batch_size=2', '--max_iters=2', '--log_interval=1']
+    r = run('train_dit.py', *args, '--learning_rate=0.0', f'--out_dir={tmp_path}/frozen', f'--export_dir={tmp_path}/e0')
+    assert r.returncode == 0, r.stderr
+    official = load_dit(str(root), 'cpu').state_dict()
+    exported = load_dit(str(tmp_path / 'e0'), 'cpu').state_dict()
+    assert all(torch.equal(official[k], exported[k]) for k in official)  # lr 0: the official weights, round-tripped
+    r = run('train_dit.py', *args, f'--out_dir={tmp_path}/run', f'--export_dir={tmp_path}/e1')
+    assert r.returncode == 0, r.stderr
+    trained = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=False)
+    assert 't5' not in trained  # the official umT5 stays in ckpt_dir, not in every checkpoint
+    exported = load_dit(str(tmp_path / 'e1'), 'cpu').state_dict()
+    assert all(torch.equal(trained['model'][k], exported[k]) for k in exported)
+    assert not torch.equal(official['blocks.0.ffn.0.weight'], exported['blocks.0.ffn.0.weight'])
+    r = run('sample.py', f'--out_dir={tmp_path}/run', '--steps=2', f'--out={tmp_path}/s.mp4')
+    assert r.returncode == 0, r.stderr

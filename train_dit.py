@@ -3,7 +3,10 @@
     python train_dit.py                          # debug DiT on the built-in toy clips, CPU, a few minutes
     python train_dit.py --batch_size=4 --max_iters=2000 --out_dir=out/run2
     python train_dit.py --init_from=resume       # continue out_dir exactly where it stopped
+    python train_dit.py --ckpt_dir=Wan2.2-TI2V-5B --init_from=Wan2.2-TI2V-5B --data=my/train.jsonl \
+        --frames=121 --height=704 --width=1280 --export_dir=out/ti2v-export
 """
+import json
 import math
 import os
 import time
@@ -13,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from data import ClipLoader, ensure_shapes
-from models.checkpoint import atomic_save, load_state_dict
+from models.checkpoint import atomic_save, dit_kwargs, export_dit, load_dit, load_state_dict, load_text_and_vae
 from models.settings import configure, save_config
 from models.t5 import T5Encoder, Tokenizer, configs as t5_configs, encode
 from models.vae import load_codec
@@ -22,8 +25,8 @@ from models.wan import WanModel, configs as wan_configs
 out_dir = 'out/dit'            # run folder: config.json, ckpt.pt, tokenizer.json
 data = 'shapes'                # a manifest .jsonl, or 'shapes': the built-in toy set, rendered into data/shapes if absent
 model = 'debug'                # DiT config, a key of models/wan.py configs
-vae = 'pixel'                  # video codec: pixel (space-to-depth, for debugging)
-tokenizer = ''                 # tokenizer.json; '' = the one beside the manifest (the toy set ships one)
+ckpt_dir = ''                  # official Wan2.2 folder whose umT5, tokenizer and VAE to use; '' = the debug umT5
+                               # (frozen, random), the tokenizer beside the manifest and the pixel codec
 device = 'auto'                # auto = cuda when available, else cpu
 seed = 0                       # seeds the weights, noise, timesteps and data order
 batch_size = 8                 # clips per iteration
@@ -41,7 +44,8 @@ shift = 1.0                    # sigma = shift*u / (1 + (shift-1)*u) for u unifo
 caption_dropout = 0.1          # share of empty captions, so that classifier-free guidance works
 log_interval = 25              # iterations between log lines (the loss is their mean)
 ckpt_interval = 200            # iterations between checkpoints (one is always written at the end)
-init_from = 'scratch'          # scratch | resume (out_dir/ckpt.pt) | a run folder to start from its weights
+init_from = 'scratch'          # scratch | resume (out_dir/ckpt.pt) | a run folder | an official or diffusers DiT folder
+export_dir = ''                # at the end, also write the DiT here as an official folder (safetensors + config.json)
 skip_bad = False               # skip unreadable clips (counted and reported) instead of stopping
 num_workers = 0                # data loader worker processes
 
@@ -57,38 +61,51 @@ def main():
     if model not in wan_configs:
         raise SystemExit(f"unknown model '{model}'; choose one of {', '.join(wan_configs)}")
     manifest = ensure_shapes('data/shapes') if data == 'shapes' else data
-    tok_path = tokenizer or os.path.join(os.path.dirname(manifest), 'tokenizer.json')
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    ckpt = None
+    ckpt, arch = None, wan_configs[model]
     if init_from == 'resume':
         if not os.path.exists(ckpt_path):
             raise SystemExit(f'init_from=resume: {ckpt_path} does not exist (train with init_from=scratch first)')
         ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False)
+        arch = ckpt['arch']
+    elif os.path.exists(os.path.join(init_from, 'ckpt.pt')):  # another run: its weights, a fresh optimizer
+        ckpt = {k: v for k, v in torch.load(os.path.join(init_from, 'ckpt.pt'), map_location='cpu',
+                                            weights_only=False).items() if k in ('model', 't5', 'arch')}
+        arch = ckpt['arch']
     elif init_from != 'scratch':
-        src = os.path.join(init_from, 'ckpt.pt')
-        if not os.path.exists(src):
-            raise SystemExit(f"init_from='{init_from}': no ckpt.pt there (use scratch, resume or a run folder)")
-        ckpt = {k: v for k, v in torch.load(src, map_location='cpu', weights_only=False).items() if k in ('model', 't5')}
+        if not os.path.exists(os.path.join(init_from, 'config.json')):
+            raise SystemExit(f"init_from='{init_from}' is neither scratch, resume, a run folder (ckpt.pt) nor a DiT "
+                             f"folder (config.json)")
+        with open(os.path.join(init_from, 'config.json')) as f:
+            arch = dit_kwargs(json.load(f), init_from)[0]
     save_config(cfg, out_dir)
     torch.manual_seed(seed)
 
-    codec = load_codec(vae)
-    arch = wan_configs[model]
-    dit = WanModel(**arch)
-    dit.init_weights()
-    if ckpt is not None:
-        load_state_dict(dit, ckpt['model'], ckpt_path if init_from == 'resume' else init_from)
+    if init_from not in ('scratch', 'resume') and ckpt is None:
+        dit = load_dit(init_from, dev, torch.float32)  # fp32 master weights; bf16 compute under autocast
+    else:
+        dit = WanModel(**arch)
+        dit.init_weights()
+        if ckpt is not None:
+            load_state_dict(dit, ckpt['model'], ckpt_path if init_from == 'resume' else init_from)
     dit.to(dev).train()
-    # the debug text encoder is a frozen random umT5 made from the seed; it is saved with the run
-    t5 = T5Encoder(**t5_configs['debug']).eval().requires_grad_(False)
-    t5.init_weights(seed)
-    if ckpt is not None and 't5' in ckpt:
-        t5.load_state_dict(ckpt['t5'])
-    t5.to(dev)
-    tok = Tokenizer(tok_path)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(tok_path, 'rb') as f_in, open(os.path.join(out_dir, 'tokenizer.json'), 'wb') as f_out:
-        f_out.write(f_in.read())
+    if ckpt_dir:  # the official frozen umT5, tokenizer and VAE
+        t5, tok, codec = load_text_and_vae(ckpt_dir, dit.out_dim, dev, dev)
+    else:  # a frozen random debug umT5 made from the seed, saved with the run
+        t5 = T5Encoder(**t5_configs['debug']).eval().requires_grad_(False)
+        t5.init_weights(seed)
+        if ckpt is not None and 't5' in ckpt:
+            t5.load_state_dict(ckpt['t5'])
+        t5.to(dev)
+        codec = load_codec('pixel')
+        tok_path = os.path.join(os.path.dirname(manifest), 'tokenizer.json')
+        tok = Tokenizer(tok_path)
+        os.makedirs(out_dir, exist_ok=True)
+        with open(tok_path, 'rb') as f_in, open(os.path.join(out_dir, 'tokenizer.json'), 'wb') as f_out:
+            f_out.write(f_in.read())
+    if codec.z_dim != dit.patch_embedding.in_channels:
+        raise SystemExit(f'the codec gives {codec.z_dim} latent channels but the DiT takes '
+                         f'{dit.patch_embedding.in_channels} (image-conditioned DiTs are not trained here)')
 
     loader = ClipLoader(manifest, batch_size, frames, height, width, stride=frame_stride, seed=seed,
                         skip_bad=skip_bad, num_workers=num_workers)
@@ -109,8 +126,8 @@ def main():
 
     def save():
         atomic_save({'model': dit.state_dict(), 'optimizer': opt.state_dict(), 'loader': loader.state_dict(),
-                     'rng': gen.get_state(), 'iter': it, 't5': t5.state_dict(), 'config': cfg, 'arch': arch,
-                     'fps': fps}, ckpt_path)
+                     'rng': gen.get_state(), 'iter': it, 'config': cfg, 'arch': arch, 'fps': fps,
+                     **({} if ckpt_dir else {'t5': t5.state_dict()})}, ckpt_path)
 
     batches = iter(loader)
     losses, t0 = [], time.time()
@@ -147,7 +164,9 @@ def main():
             losses, t0 = [], time.time()
         if it % ckpt_interval == 0 or it == max_iters:
             save()
-    print(f'done: {ckpt_path}')
+    if export_dir:
+        export_dit(dit, export_dir)
+    print(f'done: {ckpt_path}' + (f', exported to {export_dir}' if export_dir else ''))
 
 
 if __name__ == '__main__':

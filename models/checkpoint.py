@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from models.t5 import T5Encoder, t5_config
+from models.t5 import T5Encoder, Tokenizer, t5_config
 from models.vae import WanVAE, vae_config
 from models.wan import WanModel
 
@@ -150,6 +150,18 @@ def load_t5(path, device, dtype=None):
 def load_vae(path, device):
     """A Wan VAE from Wan2.1_VAE.pth / Wan2.2_VAE.pth, sized by the file's shapes; fp32, as officially."""
     return _from_file(lambda shapes: WanVAE(**vae_config(shapes)), path, device, torch.float32)
+
+
+def load_text_and_vae(ckpt_dir, z_dim, t5_device, vae_device):
+    """The frozen umT5 encoder, its tokenizer and the VAE of an official checkpoint folder (the VAE whose latent
+    width is z_dim when the folder holds both)."""
+    vaes = [n for n in ('Wan2.2_VAE.pth', 'Wan2.1_VAE.pth') if os.path.exists(os.path.join(ckpt_dir, n))]
+    if not vaes:
+        raise FileNotFoundError(f'{ckpt_dir} holds neither Wan2.2_VAE.pth nor Wan2.1_VAE.pth: pass the checkpoint '
+                                f'folder that has the umT5 and VAE files')
+    vae = vaes[0] if len(vaes) == 1 else 'Wan2.2_VAE.pth' if z_dim == 48 else 'Wan2.1_VAE.pth'
+    return (load_t5(os.path.join(ckpt_dir, 'models_t5_umt5-xxl-enc-bf16.pth'), t5_device),
+            Tokenizer(os.path.join(ckpt_dir, 'google', 'umt5-xxl')), load_vae(os.path.join(ckpt_dir, vae), vae_device))
 
 
 def _from_file(build, path, device, dtype):
