@@ -51,6 +51,42 @@ SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.f
                       'I64': torch.int64, 'I32': torch.int32, 'I8': torch.int8, 'U8': torch.uint8, 'BOOL': torch.bool}
 
 
+# transformers UMT5EncoderModel key -> official umT5 key
+T5_FROM_TRANSFORMERS = [
+    (r'^shared\.', 'token_embedding.'),
+    (r'^encoder\.final_layer_norm\.', 'norm.'),
+    (r'^encoder\.block\.', 'blocks.'),
+    (r'\.layer\.0\.layer_norm\.', '.norm1.'),
+    (r'\.layer\.0\.SelfAttention\.relative_attention_bias\.', '.pos_embedding.embedding.'),
+    (r'\.layer\.0\.SelfAttention\.', '.attn.'),
+    (r'\.layer\.1\.layer_norm\.', '.norm2.'),
+    (r'\.layer\.1\.DenseReluDense\.wi_0\.', '.ffn.gate.0.'),
+    (r'\.layer\.1\.DenseReluDense\.wi_1\.', '.ffn.fc1.'),
+    (r'\.layer\.1\.DenseReluDense\.wo\.', '.ffn.fc2.'),
+]
+
+
+def vae_from_diffusers(sd):
+    """diffusers AutoencoderKLWan state dict -> official Wan VAE keys (the inverse of convert_vae / convert_vae_22)."""
+    wan22 = any(k.startswith('encoder.down_blocks.0.resnets.') for k in sd)
+    n = 1 + max(int(m[1]) for k in sd if (m := re.match(r'decoder\.up_blocks\.0\.resnets\.(\d+)\.', k)))
+    flat = lambda stage, j: f'upsamples.{int(stage) * (n + 1) + int(j)}.'  # Wan2.1: n res blocks + 1 upsampler each
+    return rename(sd, [  # in order; the resnet parts first, before conv1/conv2 are reused as names
+        (r'\.norm1\.', '.residual.0.'), (r'\.conv1\.', '.residual.2.'), (r'\.norm2\.', '.residual.3.'),
+        (r'\.conv2\.', '.residual.6.'), (r'\.conv_shortcut\.', '.shortcut.'),
+        (r'^quant_conv\.', 'conv1.'), (r'^post_quant_conv\.', 'conv2.'), (r'\.conv_in\.', '.conv1.'),
+        (r'\.norm_out\.', '.head.0.'), (r'\.conv_out\.', '.head.2.'), (r'mid_block\.resnets\.0\.', 'middle.0.'),
+        (r'mid_block\.attentions\.0\.', 'middle.1.'), (r'mid_block\.resnets\.1\.', 'middle.2.'),
+        (r'down_blocks\.(\d+)\.resnets\.', r'downsamples.\1.downsamples.'),  # Wan2.2 stages
+        (r'down_blocks\.(\d+)\.downsampler\.', lambda m: f'downsamples.{m[1]}.downsamples.{n - 1}.'),
+        (r'down_blocks\.', 'downsamples.'),  # Wan2.1: already flat
+        (r'up_blocks\.(\d+)\.resnets\.(\d+)\.',
+         r'upsamples.\1.upsamples.\2.' if wan22 else lambda m: flat(m[1], m[2])),
+        (r'up_blocks\.(\d+)\.upsampler\.', lambda m: f'upsamples.{m[1]}.upsamples.{n}.'),
+        (r'up_blocks\.(\d+)\.upsamplers\.0\.', lambda m: flat(m[1], n)),
+    ])
+
+
 def rename(sd, table):
     out = {}
     for key, value in sd.items():

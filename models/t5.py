@@ -157,29 +157,6 @@ def encode(model, ids, mask, text_len=512):
         ctx[i, :n] = out[i, :n]
     return ctx
 
-def hf_to_official(sd):
-    """transformers UMT5EncoderModel state dict -> official Wan2.2 keys. Drops the tied encoder.embed_tokens copy."""
-    rules = [
-        (r'^shared\.', 'token_embedding.'),
-        (r'^encoder\.final_layer_norm\.', 'norm.'),
-        (r'^encoder\.block\.', 'blocks.'),
-        (r'\.layer\.0\.layer_norm\.', '.norm1.'),
-        (r'\.layer\.0\.SelfAttention\.relative_attention_bias\.', '.pos_embedding.embedding.'),
-        (r'\.layer\.0\.SelfAttention\.', '.attn.'),
-        (r'\.layer\.1\.layer_norm\.', '.norm2.'),
-        (r'\.layer\.1\.DenseReluDense\.wi_0\.', '.ffn.gate.0.'),
-        (r'\.layer\.1\.DenseReluDense\.wi_1\.', '.ffn.fc1.'),
-        (r'\.layer\.1\.DenseReluDense\.wo\.', '.ffn.fc2.'),
-    ]
-    out = {}
-    for k, v in sd.items():
-        if k == 'encoder.embed_tokens.weight':
-            continue
-        for pat, rep in rules:
-            k = re.sub(pat, rep, k)
-        out[k] = v
-    return out
-
 # -----------------------------------------------------------------------------
 # tokenizer
 

@@ -8,7 +8,6 @@ section 4); module names are the official checkpoint keys. The official code thr
 every call; here each causal conv keeps its own cache instead, which gives the same numbers.
 """
 import functools
-import re
 from collections import OrderedDict
 
 import torch
@@ -313,33 +312,6 @@ def vae_config(shapes):
         cfg['dec_dim'] = shapes['decoder.head.2.weight'][1]
     ref = configs['wan2.2' if wan22 else 'wan2.1']
     return ref if all(ref.get(k, 2) == v for k, v in cfg.items()) else cfg  # (ref leaves num_res_blocks at 2)
-
-
-def vae_from_diffusers(sd):
-    """diffusers AutoencoderKLWan state dict -> official Wan keys (the inverse of convert_vae / convert_vae_22)."""
-    wan22 = any(k.startswith('encoder.down_blocks.0.resnets.') for k in sd)
-    n = 1 + max(int(m[1]) for k in sd if (m := re.match(r'decoder\.up_blocks\.0\.resnets\.(\d+)\.', k)))
-    flat = lambda stage, j: f'upsamples.{int(stage) * (n + 1) + int(j)}.'  # Wan2.1: n res blocks + 1 upsampler each
-    table = [  # applied in order to every key; the resnet parts first, before conv1/conv2 are reused as names
-        (r'\.norm1\.', '.residual.0.'), (r'\.conv1\.', '.residual.2.'), (r'\.norm2\.', '.residual.3.'),
-        (r'\.conv2\.', '.residual.6.'), (r'\.conv_shortcut\.', '.shortcut.'),
-        (r'^quant_conv\.', 'conv1.'), (r'^post_quant_conv\.', 'conv2.'), (r'\.conv_in\.', '.conv1.'),
-        (r'\.norm_out\.', '.head.0.'), (r'\.conv_out\.', '.head.2.'), (r'mid_block\.resnets\.0\.', 'middle.0.'),
-        (r'mid_block\.attentions\.0\.', 'middle.1.'), (r'mid_block\.resnets\.1\.', 'middle.2.'),
-        (r'down_blocks\.(\d+)\.resnets\.', r'downsamples.\1.downsamples.'),  # Wan2.2 stages
-        (r'down_blocks\.(\d+)\.downsampler\.', lambda m: f'downsamples.{m[1]}.downsamples.{n - 1}.'),
-        (r'down_blocks\.', 'downsamples.'),  # Wan2.1: already flat
-        (r'up_blocks\.(\d+)\.resnets\.(\d+)\.',
-         r'upsamples.\1.upsamples.\2.' if wan22 else lambda m: flat(m[1], m[2])),
-        (r'up_blocks\.(\d+)\.upsampler\.', lambda m: f'upsamples.{m[1]}.upsamples.{n}.'),
-        (r'up_blocks\.(\d+)\.upsamplers\.0\.', lambda m: flat(m[1], n)),
-    ]
-    out = {}
-    for key, value in sd.items():
-        for pattern, repl in table:
-            key = re.sub(pattern, repl, key)
-        out[key] = value
-    return out
 
 
 class PixelCodec:

@@ -1,0 +1,183 @@
+"""Stage 1 semantic aligner: text-conditioned per-token saliency on a frozen V-JEPA token grid (our design where the
+SARA paper is silent, DESIGN.md section 6), its K+2 training queries, mask pooling and the eval metrics.
+
+Aligner(video tokens [B, N, Dv], grid, caption features [B, L, Dt], text mask [B, L]) -> saliency logits [B, N] and a
+unit global embedding [B, E]. Fusion blocks are pre-norm residual: self-attention over the video tokens (a fixed 3-D
+sinusoidal position signal is added once, so any grid works), cross-attention from video to caption tokens with the
+padding masked, MLP. The global head pools the fused tokens weighted by sigmoid(saliency) and projects them to the
+caption-embedding space: that of the manifest's `text_embedding` when embed_dim is given, else the pooled T5 space
+(width Dt), where `embed_text` maps mean-pooled T5 features through a small trainable projection (identity at init).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def position_signal(grid, dim):
+    """[T*H*W, dim] fixed sinusoids for tokens in (t, h, w) order: channels split into three even groups, one per axis."""
+    parts = [2 * (dim // 6), 2 * (dim // 6)]
+    parts.append(dim - sum(parts))
+    axes = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in grid), indexing='ij')
+    out = []
+    for pos, c in zip(axes, parts):
+        freq = 1.0 / 10000 ** (torch.arange(c // 2, dtype=torch.float64) / max(c // 2, 1))
+        angle = pos.flatten()[:, None] * freq
+        out += [angle.sin(), angle.cos()] + ([torch.zeros(len(angle), 1, dtype=torch.float64)] if c % 2 else [])
+    return torch.cat(out, dim=1).float()
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x, context, mask=None):
+        """x [B, N, D] attends to context [B, L, D]; mask [B, L] bool, True = a real token."""
+        split = lambda y: y.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(context)), split(self.v(context)),
+                                           attn_mask=None if mask is None else mask[:, None, None, :])
+        return self.o(y.transpose(1, 2).flatten(2))
+
+
+class FusionBlock(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim) for _ in range(3))
+        self.self_attn, self.cross_attn = Attention(dim, heads), Attention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x, text, text_mask):
+        h = self.norm1(x)
+        x = x + self.self_attn(h, h)
+        x = x + self.cross_attn(self.norm2(x), text, text_mask)
+        return x + self.mlp(self.norm3(x))
+
+
+class Aligner(nn.Module):
+    def __init__(self, video_dim, text_dim, dim=256, heads=4, depth=2, embed_dim=None):
+        super().__init__()
+        self.video_in = nn.Sequential(nn.LayerNorm(video_dim), nn.Linear(video_dim, dim))
+        self.text_in = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, dim))
+        self.blocks = nn.ModuleList(FusionBlock(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.saliency_head = nn.Linear(dim, 1)
+        self.global_head = nn.Linear(dim, embed_dim or text_dim)
+        self.text_proj = None
+        if embed_dim is None:  # no external caption embedding: InfoNCE against projected, pooled T5 features
+            self.text_proj = nn.Linear(text_dim, text_dim)
+            with torch.no_grad():
+                self.text_proj.weight.copy_(torch.eye(text_dim))
+                self.text_proj.bias.zero_()
+
+    def forward(self, video, grid, text, text_mask):
+        """video [B, N, Dv] V-JEPA tokens of grid (T, H, W); text [B, L, Dt], text_mask [B, L] (nonzero = real).
+        Returns saliency logits [B, N] and the unit global embedding [B, E]."""
+        x = self.video_in(video) + position_signal(grid, self.norm.normalized_shape[0]).to(video.device, video.dtype)
+        text_mask = text_mask.bool()
+        t = self.text_in(text)
+        for block in self.blocks:
+            x = block(x, t, text_mask)
+        x = self.norm(x)
+        logits = self.saliency_head(x).squeeze(-1)
+        w = torch.sigmoid(logits).unsqueeze(-1)
+        pooled = (w * x).sum(1) / (w.sum(1) + 1e-6)
+        return logits, F.normalize(self.global_head(pooled), dim=-1)
+
+    def embed_text(self, text, text_mask):
+        """Caption embedding in the pooled T5 space: masked mean of the features, trainable projection, unit norm."""
+        m = text_mask.to(text.dtype).unsqueeze(-1)
+        return F.normalize(self.text_proj((text * m).sum(1) / m.sum(1).clamp(min=1)), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------- queries and targets
+
+def build_queries(entity_captions, masks, background='', caption=''):
+    """The K+2 queries of one clip: (kinds, texts, pixel targets [Q, T, H, W]) from K entity captions, their soft masks
+    [K, T, H, W] in [0, 1] and the background caption. Each entity with its mask; the entity captions joined with
+    ' and ' with the soft union 1 - prod(1 - m_k) (asked once when K = 1: it is the entity query); the background with
+    the complement 1 - union (left out when the clip has no background caption). A clip without entities gives one
+    query, its background (else its caption) with an all-ones target: nothing is singled out, every token counts."""
+    K = len(entity_captions)
+    if masks.shape[0] != K:
+        raise ValueError(f'{masks.shape[0]} masks for {K} entity captions; every entity needs exactly one mask')
+    if K == 0:
+        text = background or caption
+        if not text:
+            raise ValueError('a clip without entities needs a background or a caption to be asked anything')
+        return ['scene'], [text], masks.new_ones(1, *masks.shape[1:])
+    union = 1 - torch.prod(1 - masks, dim=0)
+    kinds, texts, targets = ['entity'] * K, list(entity_captions), list(masks)
+    if K > 1:
+        kinds.append('union'), texts.append(' and '.join(entity_captions)), targets.append(union)
+    if background:
+        kinds.append('background'), texts.append(background), targets.append(1 - union)
+    return kinds, texts, torch.stack(targets)
+
+
+def resize_crop(x, height, width):
+    """[..., h, w] -> [..., height, width] exactly as models.vjepa.preprocess resizes the video: scale to cover
+    (bilinear, antialiased), then centre crop."""
+    h, w = x.shape[-2:]
+    s = max(height / h, width / w)
+    nh, nw = max(height, round(h * s)), max(width, round(w * s))
+    if (nh, nw) != (h, w):
+        y = F.interpolate(x.reshape(-1, 1, h, w).float(), size=(nh, nw), mode='bilinear', antialias=True,
+                          align_corners=False)
+        x = y.reshape(*x.shape[:-2], nh, nw)
+    top, left = (nh - height) // 2, (nw - width) // 2
+    return x[..., top:top + height, left:left + width]
+
+
+def mask_targets(masks, grid):
+    """masks [Q, T, H, W] in [0, 1] -> [Q, T'*Hp*Wp] soft targets on the V-JEPA grid (T', Hp, Wp): the fraction of each
+    token's pixels covered (its T/T' frames x 16x16 pixels), after the resize and crop the video gets."""
+    Q, T = masks.shape[:2]
+    if T % grid[0]:
+        raise ValueError(f'{T} mask frames do not split into {grid[0]} token steps')
+    x = resize_crop(masks.float(), 16 * grid[1], 16 * grid[2]).clamp(0, 1)
+    return F.avg_pool3d(x.unsqueeze(1), (T // grid[0], 16, 16)).flatten(1)
+
+
+def tokenize(tok, texts, text_len, names=None, warned=None):
+    """tok(texts, text_len) -> (ids, mask), printing once per (name, text) a warning for a text that the tokenizer
+    truncates; `names` says which clip each text comes from, `warned` is the set that makes the warning one-time."""
+    ids, mask = tok(texts, text_len)
+    warned = set() if warned is None else warned
+    for i in (mask.sum(1) >= text_len).nonzero().flatten().tolist():
+        key = (names[i] if names else '', texts[i])
+        if key in warned:
+            continue
+        warned.add(key)
+        n = int(tok([texts[i]], 8 * text_len)[1].sum())
+        if n > text_len:
+            short = texts[i] if len(texts[i]) <= 80 else texts[i][:77] + '...'
+            print(f"warning: {key[0] or 'a text'}: '{short}' has {n if n < 8 * text_len else 'at least %d' % n} "
+                  f"tokens, more than text_len={text_len}: it is truncated to the first {text_len} "
+                  f"(raise --text_len or shorten the caption)", flush=True)
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+def iou(prob, target, threshold=0.5):
+    """IoU of {prob > threshold} and {target > 0.5} over all elements; 1.0 when both sets are empty."""
+    p, t = prob > threshold, target > 0.5
+    union = (p | t).sum().item()
+    return (p & t).sum().item() / union if union else 1.0
+
+
+def auroc(scores, labels):
+    """Area under the ROC curve from ranks (Mann-Whitney U), ties given their average rank; nan with one class only."""
+    s, y = scores.flatten().double(), labels.flatten().bool()
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if not n_pos or not n_neg:
+        return math.nan
+    sorted_s, order = s.sort()
+    _, inverse, counts = torch.unique_consecutive(sorted_s, return_inverse=True, return_counts=True)
+    last = counts.cumsum(0).double()
+    ranks = torch.empty_like(s)
+    ranks[order] = (last - (counts.double() - 1) / 2)[inverse]  # 1-based average rank of each tie group
+    return ((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
