@@ -1613,3 +1613,25 @@ def test_train_from_official_folder_and_export(tmp_path):
     assert not torch.equal(official['blocks.0.ffn.0.weight'], exported['blocks.0.ffn.0.weight'])
     r = run('sample.py', f'--out_dir={tmp_path}/run', '--steps=2', f'--out={tmp_path}/s.mp4')
     assert r.returncode == 0, r.stderr
+
+
+def trd_losses(log):
+    return {int(line.split()[1][:-1]): float(line.split()[5][:-1]) for line in log.splitlines() if ' trd ' in line}
+
+
+def test_trd_training_falls_and_resumes_exactly(tiny_run):
+    root, args, _ = tiny_run
+    trd = ['--route=uniform', '--proj_dim=64', '--align_layer=2', '--max_iters=20']
+    full = run('train_dit.py', *args, *trd, f'--out_dir={root}/trd_full')
+    half = run('train_dit.py', *args, *trd[:-1], '--max_iters=10', f'--out_dir={root}/trd_half')
+    rest = run('train_dit.py', *args, *trd, f'--out_dir={root}/trd_half', '--init_from=resume')
+    assert full.returncode == half.returncode == rest.returncode == 0, rest.stderr
+    flow, align = losses(full.stdout), trd_losses(full.stdout)
+    assert all(math.isfinite(v) for v in [*flow.values(), *align.values()])
+    assert sum(align[i] for i in range(16, 21)) < 0.7 * sum(align[i] for i in range(1, 6))
+    assert sum(flow[i] for i in range(16, 21)) < sum(flow[i] for i in range(1, 6))
+    for i in range(11, 21):  # the projector and its optimizer state come back with the run
+        assert losses(rest.stdout)[i] == flow[i] and trd_losses(rest.stdout)[i] == align[i]
+    a = torch.load(root / 'trd_full' / 'ckpt.pt', weights_only=False)['projector']
+    b = torch.load(root / 'trd_half' / 'ckpt.pt', weights_only=False)['projector']
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,8 +1,9 @@
-"""Stage 2: continue training a Wan DiT with flow matching.
+"""Stage 2: continue training a Wan DiT with flow matching plus routed token-relation distillation (TRD).
 
     python train_dit.py                          # debug DiT on the built-in toy clips, CPU, a few minutes
     python train_dit.py --batch_size=4 --max_iters=2000 --out_dir=out/run2
     python train_dit.py --init_from=resume       # continue out_dir exactly where it stopped
+    python train_dit.py --route=uniform          # + VideoREPA's TRD against frozen V-JEPA tokens
     python train_dit.py --ckpt_dir=Wan2.2-TI2V-5B --init_from=Wan2.2-TI2V-5B --data=my/train.jsonl \
         --frames=121 --height=704 --width=1280 --export_dir=out/ti2v-export
 """
@@ -19,7 +20,9 @@ from data import ClipLoader, ensure_shapes
 from models.checkpoint import atomic_save, dit_kwargs, export_dit, load_dit, load_state_dict, load_text_and_vae
 from models.settings import configure, save_config
 from models.t5 import T5Encoder, Tokenizer, configs as t5_configs, encode
+from models.trd import trd_loss
 from models.vae import load_codec
+from models.vjepa import VJEPA, configs as vjepa_configs, load_vjepa, preprocess
 from models.wan import WanModel, configs as wan_configs
 
 out_dir = 'out/dit'            # run folder: config.json, ckpt.pt, tokenizer.json
@@ -42,6 +45,15 @@ grad_clip = 1.0                # clip the gradient norm to this (0 = off)
 t_range = (0.0, 1.0)           # sigma range after the shift, e.g. (0.875, 1.0) for the high-noise A14B expert
 shift = 1.0                    # sigma = shift*u / (1 + (shift-1)*u) for u uniform in the range
 caption_dropout = 0.1          # share of empty captions, so that classifier-free guidance works
+route = 'none'                 # TRD pair routing: none (plain SFT) | uniform (VideoREPA) | motion (MoAlign-style)
+trd_weight = 0.5               # L = L_flow + trd_weight * L_TRD
+trd_margin = 0.1               # l_ij = relu(|cos(z_i,z_j) - cos(y_i,y_j)| - margin)
+align_layer = 2                # DiT tokens after this block (1-indexed) are projected and aligned
+proj_dim = 2048                # hidden width of the projector MLP dim -> proj_dim -> proj_dim -> D_vjepa
+trd_pool = 1                   # average-pool both sides spatially by this factor to cut the N x N pairs
+trd_block = 1024               # TRD row-block size: memory O(N x block)
+vjepa_model = 'debug'          # V-JEPA variant of models/vjepa.py configs ('debug' = frozen random, for CPU runs)
+vjepa_ckpt = ''                # official V-JEPA .pt file ('' only for vjepa_model=debug)
 log_interval = 25              # iterations between log lines (the loss is their mean)
 ckpt_interval = 200            # iterations between checkpoints (one is always written at the end)
 init_from = 'scratch'          # scratch | resume (out_dir/ckpt.pt) | a run folder | an official or diffusers DiT folder
@@ -56,10 +68,30 @@ def shifted(u, s):
     return s * u / (1 + (s - 1) * u)
 
 
+def vjepa_targets(vjepa, video, grid, pool):
+    """Frozen V-JEPA tokens on the DiT token grid (T, h, w) that remains after dropping latent frame 0: pixel frame 0
+    is dropped too (the causal VAE codes it alone), one 16-px patch per DiT token, and tubelets of 2 frames averaged
+    in pairs so that 4 pixel frames give one token, like one latent frame. Returns [B, N, D]."""
+    T, h, w = grid
+    y = vjepa(preprocess(video[:, :, 1:], (h, w)))  # [B, (F-1)/2 * h * w, D]
+    y = y.view(y.shape[0], T, 2, h, w, -1).mean(2)
+    return pool_tokens(y, pool)
+
+
+def pool_tokens(x, pool):
+    """[B, T, h, w, D] -> [B, T*(h/pool)*(w/pool), D], averaging pool x pool spatial neighbours."""
+    B, T, h, w, D = x.shape
+    if pool > 1:
+        x = F.avg_pool2d(x.permute(0, 1, 4, 2, 3).flatten(0, 1), pool).unflatten(0, (B, T)).permute(0, 1, 3, 4, 2)
+    return x.flatten(1, 3)
+
+
 def main():
     dev = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device)
     if model not in wan_configs:
         raise SystemExit(f"unknown model '{model}'; choose one of {', '.join(wan_configs)}")
+    if route not in ('none', 'uniform', 'motion'):
+        raise SystemExit(f"unknown route '{route}'; choose none, uniform or motion")
     manifest = ensure_shapes('data/shapes') if data == 'shapes' else data
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     ckpt, arch = None, wan_configs[model]
@@ -107,11 +139,29 @@ def main():
         raise SystemExit(f'the codec gives {codec.z_dim} latent channels but the DiT takes '
                          f'{dit.patch_embedding.in_channels} (image-conditioned DiTs are not trained here)')
 
+    projector = vjepa = None
+    if route != 'none':  # frozen V-JEPA targets and a trainable projector, saved with the run, not exported
+        if vjepa_model == 'debug':
+            vjepa = VJEPA(**vjepa_configs['debug']).eval().requires_grad_(False)
+        elif not vjepa_ckpt:
+            raise SystemExit(f'vjepa_model={vjepa_model} needs vjepa_ckpt=<its official .pt file>')
+        else:
+            vjepa = load_vjepa(vjepa_ckpt, vjepa_model)
+        vjepa.to(dev)
+        dim = dit.blocks[0].ffn[0].in_features
+        projector = torch.nn.Sequential(torch.nn.Linear(dim, proj_dim), torch.nn.SiLU(), torch.nn.Linear(proj_dim, proj_dim),
+                                        torch.nn.SiLU(), torch.nn.Linear(proj_dim, vjepa_configs[vjepa_model]['dim'])).to(dev)
+        if ckpt is not None and 'projector' in ckpt:
+            load_state_dict(projector, ckpt['projector'], ckpt_path + ' (projector)')
+        if not 1 <= align_layer <= len(dit.blocks):
+            raise SystemExit(f'align_layer={align_layer} is not a block of this DiT (1..{len(dit.blocks)})')
+
     loader = ClipLoader(manifest, batch_size, frames, height, width, stride=frame_stride, seed=seed,
                         skip_bad=skip_bad, num_workers=num_workers)
     fps = decord.VideoReader(loader.records[0]['video']).get_avg_fps() / frame_stride
-    decay = [p for p in dit.parameters() if p.dim() >= 2]
-    no_decay = [p for p in dit.parameters() if p.dim() < 2]
+    params = [*dit.parameters(), *(projector.parameters() if projector else [])]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
                             lr=learning_rate, betas=(0.9, 0.99), fused=dev.type == 'cuda')
     gen = torch.Generator(dev).manual_seed(seed)
@@ -127,10 +177,11 @@ def main():
     def save():
         atomic_save({'model': dit.state_dict(), 'optimizer': opt.state_dict(), 'loader': loader.state_dict(),
                      'rng': gen.get_state(), 'iter': it, 'config': cfg, 'arch': arch, 'fps': fps,
-                     **({} if ckpt_dir else {'t5': t5.state_dict()})}, ckpt_path)
+                     **({} if ckpt_dir else {'t5': t5.state_dict()}),
+                     **({'projector': projector.state_dict()} if projector else {})}, ckpt_path)
 
     batches = iter(loader)
-    losses, t0 = [], time.time()
+    losses, trd_losses, t0 = [], [], time.time()
     while it < max_iters:
         batch = next(batches)
         with torch.no_grad():
@@ -147,21 +198,33 @@ def main():
         for group in opt.param_groups:
             group['lr'] = lr
         with autocast:
-            pred = dit(xt, 1000 * sigma.flatten(), context)
-        loss = F.mse_loss(pred, noise - x0)
+            if projector is None:
+                pred, l_trd = dit(xt, 1000 * sigma.flatten(), context), None
+            else:
+                pred, feats = dit(xt, 1000 * sigma.flatten(), context, features_at=align_layer)
+                grid = (x0.shape[2] - 1, x0.shape[3] // dit.patch_size[1], x0.shape[4] // dit.patch_size[2])  # w/o frame 0
+                z = projector(pool_tokens(feats.unflatten(1, (grid[0] + 1, *grid[1:]))[:, 1:], trd_pool))
+                with torch.no_grad():
+                    y = vjepa_targets(vjepa, batch['video'].to(dev), grid, trd_pool)
+                pooled = (grid[0], grid[1] // trd_pool, grid[2] // trd_pool)
+                l_trd = trd_loss(z, y, route=route, margin=trd_margin, block=trd_block, grid=pooled)
+        l_flow = F.mse_loss(pred, noise - x0)
+        loss = l_flow if l_trd is None else l_flow + trd_weight * l_trd
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
-            torch.nn.utils.clip_grad_norm_(dit.parameters(), grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
         it += 1
-        losses.append(loss.item())
+        losses.append(l_flow.item())
+        trd_losses.append(0.0 if l_trd is None else l_trd.item())
         if it % log_interval == 0 or it == max_iters:
             dt = (time.time() - t0) / len(losses)
             tokens = x0.shape[0] * math.prod(x0.shape[2:]) // math.prod(dit.patch_size)
-            print(f'iter {it}: loss {sum(losses) / len(losses):.4f}, {1000 * dt:.1f} ms/iter, '
+            trd = '' if l_trd is None else f', trd {sum(trd_losses) / len(trd_losses):.4f}'
+            print(f'iter {it}: loss {sum(losses) / len(losses):.4f}{trd}, {1000 * dt:.1f} ms/iter, '
                   f'{tokens / dt:,.0f} tokens/s, lr {lr:.2e}', flush=True)
-            losses, t0 = [], time.time()
+            losses, trd_losses, t0 = [], [], time.time()
         if it % ckpt_interval == 0 or it == max_iters:
             save()
     if export_dir:

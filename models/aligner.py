@@ -155,7 +155,7 @@ def tokenize(tok, texts, text_len, names=None, warned=None):
         if n > text_len:
             short = texts[i] if len(texts[i]) <= 80 else texts[i][:77] + '...'
             print(f"warning: {key[0] or 'a text'}: '{short}' has {n if n < 8 * text_len else 'at least %d' % n} "
-                  f"tokens, more than text_len={text_len}: it is truncated to the first {text_len} "
+                  f"tokens, more than text_len={text_len}: only its first {text_len - 1} and </s> are used "
                   f"(raise --text_len or shorten the caption)", flush=True)
     return ids, mask
 

@@ -183,10 +183,11 @@ class WanModel(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
         nn.init.zeros_(self.head.head.weight)
 
-    def forward(self, x, t, context, y=None):
+    def forward(self, x, t, context, y=None, features_at=0):
         """x: [B, C, F, H, W] latents; t: [B] or per-token [B, L] timesteps in [0, 1000];
         context: [B, text_len, text_dim] text features, zero-padded; y: [B, C', F, H, W] extra i2v channels.
-        Returns the velocity prediction [B, out_dim, F, H, W] in fp32."""
+        Returns the velocity prediction [B, out_dim, F, H, W] in fp32, and with features_at = k > 0 also the
+        tokens [B, L, dim] after block k (1-indexed, as VideoREPA's align_layer)."""
         if y is not None:
             x = torch.cat([x, y], dim=1)
         x = self.patch_embedding(x)
@@ -199,10 +200,12 @@ class WanModel(nn.Module):
             e = self.time_embedding(sinusoidal_embedding_1d(self.freq_dim, tt.flatten()).float()).view(B, tt.shape[1], -1)
             e0 = self.time_projection(e).unflatten(2, (6, -1))
         context = self.text_embedding(context)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             x = block(x, e0, freqs, context)
-        x = self.head(x, e)
-        return self.unpatchify(x, (f, h, w)).float()
+            if i + 1 == features_at:
+                features = x
+        out = self.unpatchify(self.head(x, e), (f, h, w)).float()
+        return (out, features) if features_at else out
 
     def unpatchify(self, x, grid):
         pt, ph, pw = self.patch_size
