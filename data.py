@@ -133,7 +133,9 @@ def _resize_crop(x, height, width):
 def load_clip(rec, frames, height, width, stride=1, start=0):
     """Decode frames start, start+stride, ... (`frames` of them) of one manifest record.
     `start` may also be a callable max_start -> start (the loader draws offsets that way,
-    once the clip length is known). Returns video [3,T,H,W] in [-1,1], masks [K,T,H,W] in [0,1]."""
+    once the clip length is known). Returns video [3,T,H,W] in [-1,1], masks [K,T,H,W] in [0,1] (one per entity,
+    in manifest order: an entity is a caption and its mask, so the counts always agree), the captions, `where`
+    (manifest and line, for messages) and `text_embedding` ([E] float32, or None when the record has none)."""
     vr = _open_video(rec)
     n = len(vr)
     if callable(start):
@@ -157,7 +159,21 @@ def load_clip(rec, frames, height, width, stride=1, start=0):
         masks.append(_resize_crop(m, height, width)[:, 0].clamp(0, 1))
     masks = torch.stack(masks) if masks else torch.zeros(0, frames, height, width)
     return dict(video=video, masks=masks, caption=rec['caption'], background=rec['background'],
-                entity_captions=[e['caption'] for e in rec['entities']])
+                entity_captions=[e['caption'] for e in rec['entities']], where=_where(rec),
+                text_embedding=_load_embedding(rec) if rec.get('text_embedding') else None)
+
+def _load_embedding(rec):
+    """The record's precomputed caption embedding: an .npy holding [E] (or [1, E]) -> float32 tensor [E]."""
+    path = rec['text_embedding']
+    try:
+        e = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{_where(rec)}: text_embedding {path} could not be read ({err}) "
+                         f"(re-save it with np.save(path, e), or pass --skip_bad=True)") from None
+    if not isinstance(e, np.ndarray) or e.ndim not in (1, 2) or (e.ndim == 2 and e.shape[0] != 1) or e.size == 0:
+        raise ValueError(f"{_where(rec)}: text_embedding {path} holds {getattr(e, 'shape', type(e).__name__)}, "
+                         f"expected one vector [E] (re-save it with np.save(path, e) for a 1-D e)")
+    return torch.from_numpy(e.astype(np.float32).reshape(-1))
 
 # -----------------------------------------------------------------------------
 # writing videos
@@ -309,7 +325,8 @@ class _Clips(torch.utils.data.Dataset):
 def _collate(items):
     return dict(video=torch.stack([x['video'] for x in items]), masks=[x['masks'] for x in items],
                 caption=[x['caption'] for x in items], entity_captions=[x['entity_captions'] for x in items],
-                background=[x['background'] for x in items])
+                background=[x['background'] for x in items], where=[x['where'] for x in items],
+                text_embedding=[x['text_embedding'] for x in items])
 
 class ClipLoader:
     """Endless batches for one data-parallel rank. Each epoch is a seeded permutation split

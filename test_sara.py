@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.profiler import ProfilerActivity, profile
 
 import models.checkpoint as checkpoint
 from data import COLOURS, ClipLoader, load_clip, make_shapes, read_manifest, write_video
+from models.aligner import Aligner, auroc, build_queries, info_nce, iou, mask_targets, tokenize
 from models.checkpoint import (DIT_CONFIG, DIT_FROM_DIFFUSERS, INDEX, WEIGHTS, expert_folders, export_dit, load_dit,
                                load_pth, load_state_dict, load_weights, pth_to_safetensors, rename, T5_FROM_TRANSFORMERS,
                                vae_from_diffusers)
@@ -25,7 +27,7 @@ from models.t5 import T5Encoder, Tokenizer, build_tokenizer, clean_text, configs
 from models.trd import pair_budget, trd_loss
 from models.unipc import UniPC, expert_split
 from models.vae import PixelCodec, WanVAE, configs as vae_configs, load_codec
-from models.vjepa import VJEPA, configs as vjepa_configs, load_vjepa, preprocess, rope_apply, rope_tables
+from models.vjepa import MEAN, STD, VJEPA, configs as vjepa_configs, load_vjepa, preprocess, rope_apply, rope_tables
 from models.wan import WanModel, configs as wan_configs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -1635,3 +1637,295 @@ def test_trd_training_falls_and_resumes_exactly(tiny_run):
     a = torch.load(root / 'trd_full' / 'ckpt.pt', weights_only=False)['projector']
     b = torch.load(root / 'trd_half' / 'ckpt.pt', weights_only=False)['projector']
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------- Stage 1 aligner
+
+def test_k_plus_2_queries_and_pooled_targets_by_hand():
+    T, H, W = 4, 32, 32  # grid (2, 2, 2): each token is 2 frames x 16 x 16 = 512 pixels
+    a, b = torch.zeros(T, H, W), torch.zeros(T, H, W)
+    a[0, :8, :16] = 1           # token (0, 0, 0): 128 of 512 pixels
+    a[2:, 16:, 16:] = 1         # token (1, 1, 1): all of it
+    b[0, :8, :16] = 0.5         # soft, on top of a's pixels: union there is 1 - 0 * 0.5 = 1
+    b[1, 16:24, :16] = 0.5      # token (0, 1, 0): 128 pixels at 0.5 -> 64 / 512
+    a[1, 16:24, :16] = 0.5      # the same pixels: soft OR 1 - 0.5 * 0.5 = 0.75 (max would give 0.5)
+    b[3, :16, 16:] = 1          # token (1, 0, 1): 256 of 512
+    masks = torch.stack([a, b])
+    kinds, texts, targets = build_queries(['a red circle', 'a blue square'], masks, 'a grey floor', 'whole caption')
+    assert kinds == ['entity', 'entity', 'union', 'background']
+    assert texts == ['a red circle', 'a blue square', 'a red circle and a blue square', 'a grey floor']
+    union = 1 - (1 - a) * (1 - b)
+    assert torch.equal(targets[0], a) and torch.equal(targets[1], b)
+    assert torch.equal(targets[2], union) and torch.equal(targets[3], 1 - union)
+    assert targets[2][0, 0, 0] == 1 and targets[2][1, 20, 0] == 0.75 and targets[3][1, 20, 0] == 0.25
+    pooled = mask_targets(targets, (2, 2, 2)).view(4, 2, 2, 2)  # (t, h, w) order
+    want_a = torch.zeros(2, 2, 2)
+    want_a[0, 0, 0], want_a[0, 1, 0], want_a[1, 1, 1] = 128 / 512, 64 / 512, 1
+    want_b = torch.zeros(2, 2, 2)
+    want_b[0, 0, 0], want_b[0, 1, 0], want_b[1, 0, 1] = 64 / 512, 64 / 512, 256 / 512
+    want_u = torch.zeros(2, 2, 2)
+    want_u[0, 0, 0], want_u[0, 1, 0], want_u[1, 1, 1], want_u[1, 0, 1] = 128 / 512, 96 / 512, 1, 256 / 512
+    for got, want in zip(pooled, (want_a, want_b, want_u, 1 - want_u)):
+        assert torch.allclose(got, want, atol=1e-6), (got, want)
+    # K = 1: the union query would repeat the entity query, so it is asked once
+    kinds, texts, targets = build_queries(['a red circle'], masks[:1], 'a grey floor')
+    assert kinds == ['entity', 'background'] and torch.equal(targets[1], 1 - a)
+    # no background caption: no background query
+    assert build_queries(['x', 'y'], masks, '')[0] == ['entity', 'entity', 'union']
+
+
+def test_mask_targets_follow_the_video_resize_and_crop():
+    # a mask that is also the video's red channel: its pooled target must equal the pooled preprocessed channel,
+    # whatever resize and crop preprocess applies (here 40x72 -> 32x64: scale 1, crop; and 48x40 -> 32x32: shrink, crop)
+    g = torch.Generator().manual_seed(0)
+    for shape, grid in (((6, 40, 72), (3, 2, 4)), ((4, 48, 40), (2, 2, 2))):
+        m = (torch.rand(shape, generator=g) > 0.6).float()
+        video = (m * 2 - 1).expand(1, 3, *shape)
+        x = preprocess(video, grid[1:])[0, 0] * STD[0] + MEAN[0]  # back to [0, 1]
+        want = F.avg_pool3d(x[None, None], (shape[0] // grid[0], 16, 16)).flatten()
+        got = mask_targets(m[None], grid)[0]
+        assert got.shape == (math.prod(grid),) and torch.allclose(got, want, atol=1e-5)
+        assert (got > 0.05).any() and (got < 0.95).any()
+
+
+def test_clip_without_entities_and_mask_count():
+    masks = torch.zeros(0, 4, 8, 8)
+    kinds, texts, targets = build_queries([], masks, 'a grey floor', 'a grey floor, nothing else')
+    assert kinds == ['scene'] and texts == ['a grey floor'] and torch.equal(targets, torch.ones(1, 4, 8, 8))
+    assert build_queries([], masks, '', 'the caption')[1] == ['the caption']
+    with pytest.raises(ValueError, match='without entities needs a background or a caption'):
+        build_queries([], masks, '', '')
+    with pytest.raises(ValueError, match='1 masks for 2 entity captions'):
+        build_queries(['a', 'b'], torch.zeros(1, 4, 8, 8), 'bg')
+
+
+def test_entity_without_mask_is_caught_in_the_manifest(tiny):
+    # a manifest entity carries its own mask, so counts cannot differ; one without a mask is named with its line
+    good = json.loads((tiny / 'train.jsonl').read_text().splitlines()[0])
+    p = tiny / 'nomask.jsonl'
+    p.write_text(json.dumps(dict(good, entities=[{'caption': 'a thing'}])) + '\n')
+    with pytest.raises(ValueError, match=r"nomask\.jsonl line 1: entity 0 needs keys 'caption' and 'mask'"):
+        read_manifest(p)
+
+
+def test_overlong_caption_warns_once_naming_the_clip(tiny, capsys):
+    tok = Tokenizer(tiny / 'tokenizer.json')
+    long = ' '.join(['a red circle moves left'] * 5)  # 25 words + </s>
+    warned = set()
+    ids, mask = tokenize(tok, ['a red circle', long], 8, ['clips.jsonl line 3', 'clips.jsonl line 7'], warned)
+    assert mask.sum(1).tolist() == [4, 8] and ids[1, 7] == 1  # truncated, </s> kept last
+    out = capsys.readouterr().out
+    assert out.count('warning') == 1 and 'clips.jsonl line 7' in out and 'has 26 tokens' in out
+    assert 'text_len=8' in out and 'line 3' not in out
+    tokenize(tok, [long, long], 8, ['clips.jsonl line 7'] * 2, warned)
+    assert capsys.readouterr().out == ''  # one-time
+    tokenize(tok, [long], 26, ['clips.jsonl line 7'], set())  # fits exactly: no warning
+    assert capsys.readouterr().out == ''
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+def test_auroc_and_iou_by_hand():
+    y = torch.tensor([0, 0, 1, 1, 0, 1])
+    s = torch.tensor([0.1, 0.2, 0.7, 0.9, 0.3, 0.8])
+    assert auroc(s, y) == 1.0 and auroc(-s, y) == 0.0
+    assert auroc(torch.ones(6), y) == 0.5
+    # pos {0.4, 0.8} vs neg {0.1, 0.4}: 1 + 0.5 (tie) + 1 + 1 of 4 pairs
+    assert auroc(torch.tensor([0.1, 0.4, 0.4, 0.8]), torch.tensor([0, 1, 0, 1])) == 0.875
+    assert math.isnan(auroc(s, torch.ones(6)))
+    g = torch.Generator().manual_seed(0)
+    s, y = torch.randint(0, 5, (200,), generator=g).float(), torch.rand(200, generator=g) > 0.7
+    pos, neg = s[y], s[~y]
+    brute = ((pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()).mean().item()
+    assert abs(auroc(s, y) - brute) < 1e-12
+    p = torch.tensor([0.9, 0.6, 0.5, 0.2, 0.7])
+    t = torch.tensor([1.0, 0.0, 1.0, 0.6, 0.4])
+    # predicted {0, 1, 4} (0.5 is not above the threshold), true {0, 2, 3}: 1 shared of 5
+    assert iou(p, t) == 0.2 and iou(torch.zeros(3), torch.zeros(3)) == 1.0 and iou(p, torch.zeros(5)) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- model and losses
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp('aligner')
+    make_shapes(root, n_train=8, n_val=2, frames=17, size=32, fps=8, seed=0)
+    return root
+
+
+def test_info_nce_leaves_out_repeated_captions():
+    e = torch.eye(3, 8)  # orthonormal: logits 1/t on the diagonal, 0 elsewhere
+    assert torch.allclose(info_nce(e, e, ['a', 'b', 'c'], 0.5), torch.tensor(math.log(1 + 2 * math.exp(-2))))
+    g = F.normalize(torch.randn(3, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    c = g[[0, 0, 2]]  # clips 0 and 1 share caption 'a': clip 1's positive is clip 0's embedding
+    same = info_nce(g, c, ['a', 'a', 'c'], 1.0)
+    logits = g @ c.T
+    row = [F.cross_entropy(logits[i, keep][None], torch.tensor([keep.index(i)]))
+           for i, keep in enumerate(([0, 2], [1, 2], [0, 1, 2]))]
+    col = [F.cross_entropy(logits.T[i, keep][None], torch.tensor([keep.index(i)]))
+           for i, keep in enumerate(([0, 2], [1, 2], [0, 1, 2]))]
+    assert torch.allclose(same, (sum(row) + sum(col)) / 6, atol=1e-6)
+
+
+def test_aligner_loss_falls_on_a_toy_batch(tiny):
+    torch.manual_seed(0)
+    batch = next(iter(ClipLoader(tiny / 'train.jsonl', 4, 8, 32, 32, stride=2, seed=0)))
+    grid = (4, 2, 2)
+    vjepa = VJEPA(**vjepa_configs['debug']).eval()
+    t5 = T5Encoder(**t5_configs['debug']).init_weights(0).eval()
+    tok = Tokenizer(tiny / 'tokenizer.json')
+    with torch.no_grad():
+        tokens = vjepa(preprocess(batch['video'], grid[1:]))
+        clip_of, texts, targets = [], [], []
+        for b in range(4):
+            _, t, m = build_queries(batch['entity_captions'][b], batch['masks'][b], batch['background'][b])
+            clip_of, texts, targets = clip_of + [b] * len(t), texts + t, targets + [mask_targets(m, grid)]
+        targets = torch.cat(targets)
+        ids, mask = tok(texts + batch['caption'], 32)
+        text = encode(t5, ids, mask, 32)
+    aligner = Aligner(128, 64, dim=64, heads=2, depth=1)
+    opt = torch.optim.AdamW(aligner.parameters(), lr=3e-3)
+    Q, losses = len(texts), []
+    for _ in range(30):
+        logits, emb = aligner(tokens[clip_of + list(range(4))], grid, text, mask)
+        bce = F.binary_cross_entropy_with_logits(logits[:Q], targets)
+        nce = info_nce(emb[Q:], aligner.embed_text(text[Q:], mask[Q:]), batch['caption'], 0.07)
+        loss = bce + 0.1 * nce
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append((bce.item(), nce.item()))
+    (b0, n0), (b1, n1) = losses[0], losses[-1]
+    assert b1 < 0.5 * b0 and n1 < 0.5 * n0, losses
+    # padding is masked: extra pad tokens change nothing
+    with torch.no_grad():
+        padded = torch.cat([text, torch.randn(len(text), 3, 64)], 1)
+        pmask = torch.cat([mask, torch.zeros(len(mask), 3, dtype=mask.dtype)], 1)
+        a = aligner(tokens[clip_of + list(range(4))], grid, text, mask)
+        b = aligner(tokens[clip_of + list(range(4))], grid, padded, pmask)
+    assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(a[1], b[1], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- the trainer
+
+ALIGNER_ARGS = ['--frames=8', '--height=32', '--width=48', '--batch_size=4', '--dim=32', '--heads=2', '--depth=1',
+        '--log_interval=1', '--eval_interval=3', '--ckpt_interval=1000', '--pictures=1', '--picture_frames=3',
+        '--picture_zoom=2', '--text_len=40', '--warmup_iters=2', '--lr_decay_iters=6']
+
+
+def png_size(rows, zoom=2, height=32, width=48, gap=2):
+    """(width, height) of a saliency picture: 3 columns, `rows` rows of zoomed cells, gaps between them."""
+    return 3 * zoom * width + 2 * gap, rows * zoom * height + (rows - 1) * gap
+
+
+ALIGNER_PNG_SIZE = png_size(3)  # (292, 196)
+
+
+def aligner_losses(log):
+    return {int(m[1]): (m[2], m[3]) for m in re.finditer(r'^iter (\d+): bce ([\d.]+), nce ([\d.]+)', log, re.M)}
+
+
+@pytest.fixture(scope='module')
+def trained(tiny, tmp_path_factory):
+    """A 6-iteration run on the tiny set, whose train.jsonl has a clip without entities and an over-long caption."""
+    root = tmp_path_factory.mktemp('aligner_run')
+    lines = [json.loads(l) for l in (tiny / 'train.jsonl').read_text().splitlines()]
+    lines[2] = dict(lines[2], entities=[])
+    lines[5] = dict(lines[5], caption=' '.join([lines[5]['caption']] * 6))  # > 40 tokens
+    (tiny / 'odd.jsonl').write_text(''.join(json.dumps(l) + '\n' for l in lines))
+    args = [f'--data={tiny}/odd.jsonl', *ALIGNER_ARGS]
+    r = run('train_aligner.py', *args, f'--out_dir={root}/a', '--max_iters=6')
+    assert r.returncode == 0, r.stderr
+    return root, args, r.stdout
+
+
+def test_training_writes_checkpoint_metrics_and_pictures(trained):
+    root, _, log = trained
+    assert sorted(aligner_losses(log)) == list(range(1, 7))
+    ckpt = torch.load(root / 'a' / 'ckpt.pt', weights_only=False)
+    assert ckpt['iter'] == 6 and ckpt['grid'] == (4, 2, 3) and 'vjepa' in ckpt and 't5' in ckpt
+    m = json.load(open(root / 'a' / 'metrics.json'))
+    assert m['iter'] == 6 and [h['iter'] for h in m['history']] == [3, 6]
+    for kind in ('union', 'entity', 'caption'):
+        assert 0 <= m[kind]['iou'] <= 1 and 0 <= m[kind]['auroc'] <= 1 and 0 <= m[kind]['baseline_auroc'] <= 1
+    assert m['union']['queries'] == 2  # the two validation clips
+    assert re.search(r'^eval 6: union IoU [\d.]+ \(baseline [\d.]+\), AUROC [\d.]+ \(baseline [\d.]+\)', log, re.M)
+    for it in (3, 6):
+        with Image.open(root / 'a' / 'saliency' / f'iter_{it:04d}_clip0.png') as im:
+            assert im.size == ALIGNER_PNG_SIZE and im.mode == 'RGB'
+    with Image.open(root / 'a' / 'saliency' / 'iter_0006_clip0.png') as im:
+        px = np.asarray(im)
+    assert (px[:, 96:98] == 255).all()  # the gap after the first column
+    assert px[:64, 98:194].std() > 0    # the overlay column is an image
+
+
+def test_clip_without_entities_and_long_caption_are_reported_once(trained):
+    _, _, log = trained
+    notes = [l for l in log.splitlines() if 'no entities' in l]
+    assert len(notes) == 1 and 'odd.jsonl line 3' in notes[0]  # 3 epochs of 2 batches: seen 3 times, said once
+    warns = [l for l in log.splitlines() if l.startswith('warning')]
+    assert len(warns) == 1 and 'odd.jsonl line 6' in warns[0] and 'text_len=40' in warns[0]
+
+
+def test_saliency_task_draws_any_clip_and_caption(trained, tiny):
+    root, _, _ = trained
+    clip = read_manifest(tiny / 'val.jsonl')[0]['video']
+    r = run('train_aligner.py', '--task=saliency', f'--out_dir={root}/a', f'--video={clip}',
+            '--caption=a red circle', f'--out={root}/s.png', '--picture_zoom=3')  # 4 rows: the default
+    assert r.returncode == 0, r.stderr
+    assert 'wrote' in r.stdout
+    with Image.open(root / 's.png') as im:
+        assert im.size == png_size(4, zoom=3) == (436, 390)
+    assert json.load(open(root / 'a' / 'config.json'))['task'] == 'train'  # drawing leaves the run alone
+    r = run('train_aligner.py', '--task=saliency', f'--out_dir={root}/a', f'--video={root}/nope.mp4', '--caption=x')
+    assert r.returncode != 0 and 'nope.mp4: file not found' in r.stderr
+
+
+def test_aligner_resume_continues_exactly(trained):
+    root, args, _ = trained
+    full = run('train_aligner.py', *args, f'--out_dir={root}/full', '--max_iters=5')
+    half = run('train_aligner.py', *args, f'--out_dir={root}/half', '--max_iters=3')
+    rest = run('train_aligner.py', *args, f'--out_dir={root}/half', '--max_iters=5', '--init_from=resume')
+    assert full.returncode == half.returncode == rest.returncode == 0, rest.stderr
+    assert sorted(aligner_losses(rest.stdout)) == [4, 5]  # 2 batches per epoch: iteration 5 is in a new epoch
+    assert aligner_losses(rest.stdout)[4] == aligner_losses(full.stdout)[4] and aligner_losses(rest.stdout)[5] == aligner_losses(full.stdout)[5]
+    a = torch.load(root / 'full' / 'ckpt.pt', weights_only=False)
+    b = torch.load(root / 'half' / 'ckpt.pt', weights_only=False)
+    assert all(torch.equal(a['aligner'][k], b['aligner'][k]) for k in a['aligner'])
+    assert a['loader'] == b['loader']
+    assert [h['iter'] for h in json.load(open(root / 'half' / 'metrics.json'))['history']] == [3, 5]
+
+
+def test_torchrun_two_ranks_match_one_process(tiny, tmp_path):
+    # ranks take alternate clips of each epoch's permutation: 2 ranks x 2 clips see the same 4 clips as 1 x 4, and
+    # the loss is normalised over the global batch (BCE) and taken over the gathered batch (InfoNCE)
+    args = [f'--data={tiny}/train.jsonl', *ALIGNER_ARGS, '--max_iters=2', '--eval_interval=1000']
+    one = run('train_aligner.py', *args, f'--out_dir={tmp_path}/one')
+    two = run('-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29517', 'train_aligner.py', *args,
+              '--batch_size=2', f'--out_dir={tmp_path}/two')
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    a, b = aligner_losses(one.stdout), aligner_losses(two.stdout)
+    assert sorted(a) == sorted(b) == [1, 2]
+    for i in (1, 2):
+        assert all(abs(float(x) - float(y)) <= 2e-4 for x, y in zip(a[i], b[i])), (a, b)
+    assert 'eval 2' in two.stdout and two.stdout.count('done:') == 1  # rank 0 alone evaluates and writes
+
+
+def test_text_embeddings_from_the_manifest(tiny, tmp_path):
+    # every clip with an .npy caption embedding: InfoNCE targets live in that space (width 16), no text projection
+    os.makedirs(tiny / 'emb', exist_ok=True)
+    lines = [json.loads(l) for l in (tiny / 'train.jsonl').read_text().splitlines()]
+    for i, l in enumerate(lines):
+        np.save(tiny / 'emb' / f'{i}.npy', np.random.default_rng(i).standard_normal(16).astype(np.float32))
+        l['text_embedding'] = f'emb/{i}.npy'
+    (tiny / 'emb.jsonl').write_text(''.join(json.dumps(l) + '\n' for l in lines))
+    r = run('train_aligner.py', f'--data={tiny}/emb.jsonl', *ALIGNER_ARGS, '--max_iters=2', f'--out_dir={tmp_path}/e')
+    assert r.returncode == 0, r.stderr
+    ckpt = torch.load(tmp_path / 'e' / 'ckpt.pt', weights_only=False)
+    assert ckpt['arch']['embed_dim'] == 16 and ckpt['aligner']['global_head.weight'].shape == (16, 32)
+    assert not any(k.startswith('text_proj') for k in ckpt['aligner'])
+    # some clips with one, some without: refused, naming the first clip without
+    del lines[3]['text_embedding']
+    (tiny / 'mixed.jsonl').write_text(''.join(json.dumps(l) + '\n' for l in lines))
+    r = run('train_aligner.py', f'--data={tiny}/mixed.jsonl', *ALIGNER_ARGS, '--max_iters=2', f'--out_dir={tmp_path}/m')
+    assert r.returncode != 0 and 'mixed.jsonl line 4 has no text_embedding but other clips do' in r.stderr

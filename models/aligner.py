@@ -8,6 +8,7 @@ padding masked, MLP. The global head pools the fused tokens weighted by sigmoid(
 caption-embedding space: that of the manifest's `text_embedding` when embed_dim is given, else the pooled T5 space
 (width Dt), where `embed_text` maps mean-pooled T5 features through a small trainable projection (identity at init).
 """
+import functools
 import math
 
 import torch
@@ -15,8 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+@functools.lru_cache(maxsize=8)
 def position_signal(grid, dim):
-    """[T*H*W, dim] fixed sinusoids for tokens in (t, h, w) order: channels split into three even groups, one per axis."""
+    """[T*H*W, dim] fixed sinusoids for tokens in (t, h, w) order, channels split in three even groups (t, h, w)."""
     parts = [2 * (dim // 6), 2 * (dim // 6)]
     parts.append(dim - sum(parts))
     axes = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in grid), indexing='ij')
@@ -75,7 +77,8 @@ class Aligner(nn.Module):
     def forward(self, video, grid, text, text_mask):
         """video [B, N, Dv] V-JEPA tokens of grid (T, H, W); text [B, L, Dt], text_mask [B, L] (nonzero = real).
         Returns saliency logits [B, N] and the unit global embedding [B, E]."""
-        x = self.video_in(video) + position_signal(grid, self.norm.normalized_shape[0]).to(video.device, video.dtype)
+        pos = position_signal(tuple(grid), self.norm.normalized_shape[0])
+        x = self.video_in(video) + pos.to(video.device, video.dtype)
         text_mask = text_mask.bool()
         t = self.text_in(text)
         for block in self.blocks:
@@ -90,6 +93,16 @@ class Aligner(nn.Module):
         """Caption embedding in the pooled T5 space: masked mean of the features, trainable projection, unit norm."""
         m = text_mask.to(text.dtype).unsqueeze(-1)
         return F.normalize(self.text_proj((text * m).sum(1) / m.sum(1).clamp(min=1)), dim=-1)
+
+
+def info_nce(g, c, captions, temperature):
+    """Symmetric InfoNCE between rows of g and c [B, E] (unit); pairs of clips with the same caption are left out of
+    each other's negatives."""
+    logits = g @ c.T / temperature
+    same = torch.tensor([[a == b for b in captions] for a in captions], device=g.device)
+    logits = logits.masked_fill(same & ~torch.eye(len(captions), dtype=torch.bool, device=g.device), float('-inf'))
+    labels = torch.arange(len(captions), device=g.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
 # ---------------------------------------------------------------------------------------------- queries and targets
