@@ -1929,3 +1929,20 @@ def test_text_embeddings_from_the_manifest(tiny, tmp_path):
     (tiny / 'mixed.jsonl').write_text(''.join(json.dumps(l) + '\n' for l in lines))
     r = run('train_aligner.py', f'--data={tiny}/mixed.jsonl', *ALIGNER_ARGS, '--max_iters=2', f'--out_dir={tmp_path}/m')
     assert r.returncode != 0 and 'mixed.jsonl line 4 has no text_embedding but other clips do' in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------- Stage 2 with the aligner
+
+def test_sara_or_route_trains_on_the_aligner_saliency(trained, tiny, tmp_path):
+    root, _, _ = trained
+    args = [f'--data={tiny}/train.jsonl', '--frames=9', '--height=32', '--width=32', '--batch_size=4', '--proj_dim=64',
+            '--log_interval=1', '--max_iters=12', f'--out_dir={tmp_path}/dit']
+    r = run('train_dit.py', *args, '--route=or', f'--aligner_ckpt={root}/a/ckpt.pt')
+    assert r.returncode == 0, r.stderr
+    flow, align = losses(r.stdout), trd_losses(r.stdout)
+    assert all(math.isfinite(v) for v in [*flow.values(), *align.values()]) and len(align) == 12
+    assert sum(align[i] for i in range(9, 13)) < sum(align[i] for i in range(1, 5))
+    budget = re.findall(r'saliency ([\d.]+), pairs fg-fg/fg-bg/bg-bg (\d+)%/(\d+)%/(\d+)%, or weight', r.stdout)
+    assert len(budget) == 12 and all(0 < float(s) < 1 and abs(sum(map(int, p)) - 100) <= 2 for s, *p in budget)
+    r = run('train_dit.py', *args, '--route=and', f'--aligner_ckpt={tmp_path}/none.pt')
+    assert r.returncode != 0 and 'run python train_aligner.py first' in r.stderr

@@ -33,11 +33,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data import ClipLoader, ensure_shapes, load_clip, read_manifest
-from models.aligner import Aligner, auroc, build_queries, info_nce, iou, mask_targets, resize_crop, tokenize
-from models.checkpoint import atomic_save, load_state_dict, load_t5
+from models.aligner import (Aligner, auroc, build_queries, info_nce, iou, load_encoders, mask_targets, resize_crop,
+                            tokenize)
+from models.checkpoint import atomic_save, load_state_dict
 from models.settings import configure, save_config
-from models.t5 import T5Encoder, Tokenizer, configs as t5_configs, encode
-from models.vjepa import VJEPA, configs as vjepa_configs, load_vjepa, preprocess
+from models.t5 import encode
+from models.vjepa import preprocess
 
 out_dir = 'out/aligner'        # run folder: config.json, ckpt.pt, metrics.json, tokenizer.json, saliency/
 data = 'shapes'                # a manifest .jsonl (val.jsonl beside it is the eval split), or 'shapes': the toy set
@@ -91,33 +92,6 @@ def pick_device(local_rank=0):
     if device == 'auto':
         return torch.device(f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu')
     return torch.device(f'cuda:{local_rank}' if device == 'cuda' else device)
-
-
-def encoders(c, dev, tok_path, saved=None):
-    """Frozen V-JEPA, umT5 and tokenizer as the settings c say; the random debug ones come from c['seed'], or from
-    a checkpoint's copies (`saved`)."""
-    if c['vjepa_model'] not in vjepa_configs:
-        raise SystemExit(f"unknown vjepa_model '{c['vjepa_model']}'; choose one of {', '.join(vjepa_configs)}")
-    if c['vjepa_ckpt']:
-        vjepa = load_vjepa(c['vjepa_ckpt'], c['vjepa_model'], dev)
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(c['seed'])
-            vjepa = VJEPA(**vjepa_configs[c['vjepa_model']])
-        if saved is not None and 'vjepa' in saved:
-            load_state_dict(vjepa, saved['vjepa'], "the checkpoint's V-JEPA")
-        vjepa = vjepa.to(dev).eval().requires_grad_(False)
-    if c['ckpt_dir']:
-        t5 = load_t5(os.path.join(c['ckpt_dir'], 'models_t5_umt5-xxl-enc-bf16.pth'), dev)
-        tok = Tokenizer(os.path.join(c['ckpt_dir'], 'google', 'umt5-xxl'))
-    else:
-        t5 = T5Encoder(**t5_configs['debug']).eval().requires_grad_(False)
-        t5.init_weights(c['seed'])
-        if saved is not None and 't5' in saved:
-            t5.load_state_dict(saved['t5'])
-        t5.to(dev)
-        tok = Tokenizer(tok_path)
-    return vjepa, t5, tok
 
 
 class Frozen:
@@ -275,7 +249,7 @@ def saliency_task():
         raise SystemExit(f'--video={video}: file not found')
     ckpt = load_ckpt(os.path.join(out_dir, 'ckpt.pt'), 'task=saliency')
     c, dev = ckpt['config'], pick_device()
-    vjepa, t5, tok = encoders(c, dev, os.path.join(out_dir, 'tokenizer.json'), ckpt)
+    vjepa, t5, tok = load_encoders(c, dev, os.path.join(out_dir, 'tokenizer.json'), ckpt)
     grid = tuple(ckpt['grid'])
     aligner = Aligner(**ckpt['arch'])
     load_state_dict(aligner, ckpt['aligner'], os.path.join(out_dir, 'ckpt.pt'))
@@ -310,7 +284,7 @@ def main():
     if init_from not in ('scratch', 'resume'):
         raise SystemExit(f"init_from='{init_from}': choose scratch or resume")
     tok_path = os.path.join(os.path.dirname(manifest), 'tokenizer.json')
-    vjepa, t5, tok = encoders(cfg, dev, tok_path, ckpt)
+    vjepa, t5, tok = load_encoders(cfg, dev, tok_path, ckpt)
     try:
         grid = vjepa.token_grid(frames, height, width)
     except ValueError as err:

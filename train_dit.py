@@ -4,6 +4,7 @@
     python train_dit.py --batch_size=4 --max_iters=2000 --out_dir=out/run2
     python train_dit.py --init_from=resume       # continue out_dir exactly where it stopped
     python train_dit.py --route=uniform          # + VideoREPA's TRD against frozen V-JEPA tokens
+    python train_aligner.py && python train_dit.py --route=or   # SARA: pairs weighted by the Stage 1 saliency
     python train_dit.py --ckpt_dir=Wan2.2-TI2V-5B --init_from=Wan2.2-TI2V-5B --data=my/train.jsonl \
         --frames=121 --height=704 --width=1280 --export_dir=out/ti2v-export
 """
@@ -20,7 +21,8 @@ from data import ClipLoader, ensure_shapes
 from models.checkpoint import atomic_save, dit_kwargs, export_dit, load_dit, load_state_dict, load_text_and_vae
 from models.settings import configure, save_config
 from models.t5 import T5Encoder, Tokenizer, configs as t5_configs, encode
-from models.trd import trd_loss
+from models.aligner import load_aligner
+from models.trd import pair_budget, trd_loss
 from models.vae import load_codec
 from models.vjepa import VJEPA, configs as vjepa_configs, load_vjepa, preprocess
 from models.wan import WanModel, configs as wan_configs
@@ -46,13 +48,15 @@ t_range = (0.0, 1.0)           # sigma range after the shift, e.g. (0.875, 1.0) 
 shift = 1.0                    # sigma = shift*u / (1 + (shift-1)*u) for u uniform in the range
 caption_dropout = 0.1          # share of empty captions, so that classifier-free guidance works
 route = 'none'                 # TRD pair routing: none (plain SFT) | uniform (VideoREPA) | motion (MoAlign-style)
+                               # | or (SARA) | and | xor (the last three weight pairs by the aligner's saliency)
+aligner_ckpt = 'out/aligner/ckpt.pt'  # Stage 1 run for routes or/and/xor; its V-JEPA is used for the targets too
 trd_weight = 0.5               # L = L_flow + trd_weight * L_TRD
 trd_margin = 0.1               # l_ij = relu(|cos(z_i,z_j) - cos(y_i,y_j)| - margin)
 align_layer = 2                # DiT tokens after this block (1-indexed) are projected and aligned
 proj_dim = 2048                # hidden width of the projector MLP dim -> proj_dim -> proj_dim -> D_vjepa
 trd_pool = 1                   # average-pool both sides spatially by this factor to cut the N x N pairs
 trd_block = 1024               # TRD row-block size: memory O(N x block)
-vjepa_model = 'debug'          # V-JEPA variant of models/vjepa.py configs ('debug' = frozen random, for CPU runs)
+vjepa_model = 'debug'          # V-JEPA variant of models/vjepa.py configs for routes uniform/motion ('debug' = random)
 vjepa_ckpt = ''                # official V-JEPA .pt file ('' only for vjepa_model=debug)
 log_interval = 25              # iterations between log lines (the loss is their mean)
 ckpt_interval = 200            # iterations between checkpoints (one is always written at the end)
@@ -68,14 +72,17 @@ def shifted(u, s):
     return s * u / (1 + (s - 1) * u)
 
 
-def vjepa_targets(vjepa, video, grid, pool):
-    """Frozen V-JEPA tokens on the DiT token grid (T, h, w) that remains after dropping latent frame 0: pixel frame 0
-    is dropped too (the causal VAE codes it alone), one 16-px patch per DiT token, and tubelets of 2 frames averaged
-    in pairs so that 4 pixel frames give one token, like one latent frame. Returns [B, N, D]."""
+def vjepa_tokens(vjepa, video, grid):
+    """Frozen V-JEPA tokens [B, 2T, h, w, D] for the DiT token grid (T, h, w) that remains after dropping latent
+    frame 0: pixel frame 0 is dropped too (the causal VAE codes it alone) and each DiT token gets one 16-px patch;
+    the 2T tubelets of 2 frames are averaged in pairs by to_dit_grid, so 4 pixel frames give one token."""
     T, h, w = grid
-    y = vjepa(preprocess(video[:, :, 1:], (h, w)))  # [B, (F-1)/2 * h * w, D]
-    y = y.view(y.shape[0], T, 2, h, w, -1).mean(2)
-    return pool_tokens(y, pool)
+    return vjepa(preprocess(video[:, :, 1:], (h, w))).view(video.shape[0], 2 * T, h, w, -1)
+
+
+def to_dit_grid(x, pool):
+    """[B, 2T, h, w, C] on the V-JEPA grid -> [B, N, C] on the (pooled) DiT grid: tubelet pairs averaged in time."""
+    return pool_tokens(x.unflatten(1, (-1, 2)).mean(2), pool)
 
 
 def pool_tokens(x, pool):
@@ -90,8 +97,8 @@ def main():
     dev = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device)
     if model not in wan_configs:
         raise SystemExit(f"unknown model '{model}'; choose one of {', '.join(wan_configs)}")
-    if route not in ('none', 'uniform', 'motion'):
-        raise SystemExit(f"unknown route '{route}'; choose none, uniform or motion")
+    if route not in ('none', 'uniform', 'motion', 'or', 'and', 'xor'):
+        raise SystemExit(f"unknown route '{route}'; choose none, uniform, motion, or, and or xor")
     manifest = ensure_shapes('data/shapes') if data == 'shapes' else data
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     ckpt, arch = None, wan_configs[model]
@@ -139,8 +146,13 @@ def main():
         raise SystemExit(f'the codec gives {codec.z_dim} latent channels but the DiT takes '
                          f'{dit.patch_embedding.in_channels} (image-conditioned DiTs are not trained here)')
 
-    projector = vjepa = None
-    if route != 'none':  # frozen V-JEPA targets and a trainable projector, saved with the run, not exported
+    projector = vjepa = aligner = None
+    if route in ('or', 'and', 'xor'):  # the frozen Stage 1 aligner, with the V-JEPA and umT5 it was trained with
+        if not os.path.exists(aligner_ckpt):
+            raise SystemExit(f'route={route} weights token pairs by the Stage 1 saliency, but {aligner_ckpt} does not '
+                             f'exist: run python train_aligner.py first (or point --aligner_ckpt at a run)')
+        aligner, vjepa, a_t5, a_tok, a_cfg = load_aligner(aligner_ckpt, dev)
+    elif route != 'none':  # frozen V-JEPA targets
         if vjepa_model == 'debug':
             vjepa = VJEPA(**vjepa_configs['debug']).eval().requires_grad_(False)
         elif not vjepa_ckpt:
@@ -148,9 +160,10 @@ def main():
         else:
             vjepa = load_vjepa(vjepa_ckpt, vjepa_model)
         vjepa.to(dev)
+    if route != 'none':  # a trainable projector, saved with the run and left out of the export
         dim = dit.blocks[0].ffn[0].in_features
         projector = torch.nn.Sequential(torch.nn.Linear(dim, proj_dim), torch.nn.SiLU(), torch.nn.Linear(proj_dim, proj_dim),
-                                        torch.nn.SiLU(), torch.nn.Linear(proj_dim, vjepa_configs[vjepa_model]['dim'])).to(dev)
+                                        torch.nn.SiLU(), torch.nn.Linear(proj_dim, vjepa.patch_embed.proj.out_channels)).to(dev)
         if ckpt is not None and 'projector' in ckpt:
             load_state_dict(projector, ckpt['projector'], ckpt_path + ' (projector)')
         if not 1 <= align_layer <= len(dit.blocks):
@@ -181,7 +194,7 @@ def main():
                      **({'projector': projector.state_dict()} if projector else {})}, ckpt_path)
 
     batches = iter(loader)
-    losses, trd_losses, t0 = [], [], time.time()
+    losses, trd_losses, t0, w = [], [], time.time(), None
     while it < max_iters:
         batch = next(batches)
         with torch.no_grad():
@@ -205,9 +218,16 @@ def main():
                 grid = (x0.shape[2] - 1, x0.shape[3] // dit.patch_size[1], x0.shape[4] // dit.patch_size[2])  # w/o frame 0
                 z = projector(pool_tokens(feats.unflatten(1, (grid[0] + 1, *grid[1:]))[:, 1:], trd_pool))
                 with torch.no_grad():
-                    y = vjepa_targets(vjepa, batch['video'].to(dev), grid, trd_pool)
+                    tokens = vjepa_tokens(vjepa, batch['video'].to(dev), grid)
+                    y, w = to_dit_grid(tokens, trd_pool), None
+                    if aligner is not None:  # saliency of the full caption on the same V-JEPA tokens
+                        ids, mask = a_tok(batch['caption'], a_cfg['text_len'])
+                        n = int(mask.sum(1).max())
+                        text = encode(a_t5, ids[:, :n].to(dev), mask[:, :n].to(dev), n)
+                        logits, _ = aligner(tokens.flatten(1, 3), (2 * grid[0], *grid[1:]), text, mask[:, :n].to(dev))
+                        w = to_dit_grid(torch.sigmoid(logits.float()).view(*tokens.shape[:4], 1), trd_pool)[..., 0]
                 pooled = (grid[0], grid[1] // trd_pool, grid[2] // trd_pool)
-                l_trd = trd_loss(z, y, route=route, margin=trd_margin, block=trd_block, grid=pooled)
+                l_trd = trd_loss(z, y, w, route=route, margin=trd_margin, block=trd_block, grid=pooled)
         l_flow = F.mse_loss(pred, noise - x0)
         loss = l_flow if l_trd is None else l_flow + trd_weight * l_trd
         opt.zero_grad(set_to_none=True)
@@ -222,6 +242,11 @@ def main():
             dt = (time.time() - t0) / len(losses)
             tokens = x0.shape[0] * math.prod(x0.shape[2:]) // math.prod(dit.patch_size)
             trd = '' if l_trd is None else f', trd {sum(trd_losses) / len(trd_losses):.4f}'
+            if w is not None:  # the last batch's saliency and how the route spends its pair budget (the paper's figure)
+                b = pair_budget(w)
+                trd += (f", saliency {w.mean():.3f}, pairs fg-fg/fg-bg/bg-bg {b['fg_fg']:.0%}/{b['fg_bg']:.0%}/"
+                        f"{b['bg_bg']:.0%}, {route} weight {b[route + '/fg_fg']:.0%}/{b[route + '/fg_bg']:.0%}/"
+                        f"{b[route + '/bg_bg']:.0%}")
             print(f'iter {it}: loss {sum(losses) / len(losses):.4f}{trd}, {1000 * dt:.1f} ms/iter, '
                   f'{tokens / dt:,.0f} tokens/s, lr {lr:.2e}', flush=True)
             losses, trd_losses, t0 = [], [], time.time()

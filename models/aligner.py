@@ -11,9 +11,15 @@ caption-embedding space: that of the manifest's `text_embedding` when embed_dim 
 import functools
 import math
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from models.checkpoint import load_state_dict, load_t5
+from models.t5 import T5Encoder, Tokenizer, configs as t5_configs
+from models.vjepa import VJEPA, configs as vjepa_configs, load_vjepa
 
 
 @functools.lru_cache(maxsize=8)
@@ -194,3 +200,42 @@ def auroc(scores, labels):
     ranks = torch.empty_like(s)
     ranks[order] = (last - (counts.double() - 1) / 2)[inverse]  # 1-based average rank of each tie group
     return ((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def load_encoders(c, dev, tok_path, saved=None):
+    """Frozen V-JEPA, umT5 and tokenizer as the settings c say; the random debug ones come from c['seed'], or from
+    a checkpoint's copies (`saved`)."""
+    if c['vjepa_model'] not in vjepa_configs:
+        raise SystemExit(f"unknown vjepa_model '{c['vjepa_model']}'; choose one of {', '.join(vjepa_configs)}")
+    if c['vjepa_ckpt']:
+        vjepa = load_vjepa(c['vjepa_ckpt'], c['vjepa_model'], dev)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(c['seed'])
+            vjepa = VJEPA(**vjepa_configs[c['vjepa_model']])
+        if saved is not None and 'vjepa' in saved:
+            load_state_dict(vjepa, saved['vjepa'], "the checkpoint's V-JEPA")
+        vjepa = vjepa.to(dev).eval().requires_grad_(False)
+    if c['ckpt_dir']:
+        t5 = load_t5(os.path.join(c['ckpt_dir'], 'models_t5_umt5-xxl-enc-bf16.pth'), dev)
+        tok = Tokenizer(os.path.join(c['ckpt_dir'], 'google', 'umt5-xxl'))
+    else:
+        t5 = T5Encoder(**t5_configs['debug']).eval().requires_grad_(False)
+        t5.init_weights(c['seed'])
+        if saved is not None and 't5' in saved:
+            t5.load_state_dict(saved['t5'])
+        t5.to(dev)
+        tok = Tokenizer(tok_path)
+    return vjepa, t5, tok
+
+
+def load_aligner(path, dev):
+    """A train_aligner.py run, frozen: (aligner, V-JEPA, umT5, tokenizer, its settings), the encoders being the ones
+    it was trained with."""
+    ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    vjepa, t5, tok = load_encoders(ckpt['config'], dev, os.path.join(os.path.dirname(path), 'tokenizer.json'), ckpt)
+    aligner = Aligner(**ckpt['arch'])
+    load_state_dict(aligner, ckpt['aligner'], path)
+    return aligner.to(dev).eval().requires_grad_(False), vjepa, t5, tok, ckpt['config']
