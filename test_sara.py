@@ -137,7 +137,7 @@ def test_pixel_codec_roundtrip():
     codec = PixelCodec()
     video = torch.rand(2, 3, 9, 16, 24) * 2 - 1
     z = codec.encode(video)
-    assert z.shape == (2, 192, 3, 4, 6)
+    assert z.shape == (2, 48, 3, 8, 12)
     assert torch.equal(codec.decode(z), video)
     with pytest.raises(ValueError, match='1\\+4k frames'):
         codec.encode(video[:, :, :8])
@@ -469,7 +469,7 @@ def tiny_run(tmp_path_factory):
     """A toy set of 8 clips at 32x32 and a 60-iteration debug run on it."""
     root = tmp_path_factory.mktemp('run')
     make_shapes(root / 'data', n_train=8, n_val=2, frames=17, size=32, fps=8, seed=0)
-    args = [f'--data={root}/data/train.jsonl', '--frames=9', '--height=32', '--width=32', '--batch_size=4',
+    args = [f'--data={root}/data/train.jsonl', '--frames=9', '--height=16', '--width=16', '--batch_size=4',
             '--log_interval=1', '--warmup_iters=5']
     r = run('train_dit.py', *args, f'--out_dir={root}/a', '--max_iters=60', '--ckpt_interval=1000')
     assert r.returncode == 0, r.stderr
@@ -509,7 +509,7 @@ def test_sample_writes_a_video(tiny_run):
     r = run('sample.py', f'--out_dir={root}/a', '--steps=4', f'--out={root}/s.mp4')
     assert r.returncode == 0, r.stderr
     vr = decord.VideoReader(str(root / 's.mp4'))
-    assert (len(vr), *vr[0].shape) == (9, 32, 32, 3)
+    assert (len(vr), *vr[0].shape) == (9, 16, 16, 3)
     assert abs(vr.get_avg_fps() - 4) < 1e-3  # 8 fps source, every 2nd frame
     r = run('sample.py', f'--out_dir={root}/nothing')
     assert r.returncode != 0 and 'train first' in r.stderr
@@ -1935,7 +1935,7 @@ def test_text_embeddings_from_the_manifest(tiny, tmp_path):
 
 def test_sara_or_route_trains_on_the_aligner_saliency(trained, tiny, tmp_path):
     root, _, _ = trained
-    args = [f'--data={tiny}/train.jsonl', '--frames=9', '--height=32', '--width=32', '--batch_size=4', '--proj_dim=64',
+    args = [f'--data={tiny}/train.jsonl', '--frames=9', '--height=16', '--width=16', '--batch_size=4', '--proj_dim=64',
             '--log_interval=1', '--max_iters=12', f'--out_dir={tmp_path}/dit']
     r = run('train_dit.py', *args, '--route=or', f'--aligner_ckpt={root}/a/ckpt.pt')
     assert r.returncode == 0, r.stderr

@@ -36,8 +36,8 @@ device = 'auto'                # auto = cuda when available, else cpu
 seed = 0                       # seeds the weights, noise, timesteps and data order
 batch_size = 8                 # clips per iteration
 frames = 17                    # pixel frames per clip, 1 + 4k
-height = 64                    # clip height after resize and centre crop
-width = 64                     # clip width after resize and centre crop
+height = 32                    # clip height after resize and centre crop
+width = 32                     # clip width after resize and centre crop
 frame_stride = 2               # take every n-th frame of the source clip
 max_iters = 400                # total training iterations
 learning_rate = 2e-3           # peak AdamW learning rate (constant after warmup)
@@ -55,7 +55,7 @@ trd_margin = 0.1               # l_ij = relu(|cos(z_i,z_j) - cos(y_i,y_j)| - mar
 align_layer = 2                # DiT tokens after this block (1-indexed) are projected and aligned
 proj_dim = 2048                # hidden width of the projector MLP dim -> proj_dim -> proj_dim -> D_vjepa
 trd_pool = 1                   # average-pool both sides spatially by this factor to cut the N x N pairs
-trd_block = 1024               # TRD row-block size: memory O(N x block)
+trd_block = 256                # TRD row-block size: memory O(N x block), under N*N/8 floats at N = 16k
 vjepa_model = 'debug'          # V-JEPA variant of models/vjepa.py configs for routes uniform/motion ('debug' = random)
 vjepa_ckpt = ''                # official V-JEPA .pt file ('' only for vjepa_model=debug)
 log_interval = 25              # iterations between log lines (the loss is their mean)

@@ -86,7 +86,7 @@ def _clip_loss(z, y, w, c, margin, block):
         return total / norm.clamp_min(1e-12)                   # a clip with no weight contributes 0
 
 
-def trd_loss(z, y, w=None, route='or', margin=0.1, block=1024, grid=None):
+def trd_loss(z, y, w=None, route='or', margin=0.1, block=256, grid=None):
     """z, y: [B, N, D] or lists of [N_b, D] (DiT projection, frozen target); w: saliency [B, N] or list in [0, 1],
     required for or/and/xor (ignored by uniform and motion); grid: (T, H, W) or a list of them, required for
     motion, tokens in (t, h, w) order. route: uniform | or | and | xor | motion. Returns a scalar."""

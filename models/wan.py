@@ -27,8 +27,8 @@ configs = {
     'ti2v-5b': dict(model_type='ti2v', in_dim=48, dim=3072, ffn_dim=14336, out_dim=48, num_heads=24, num_layers=30),
     't2v-1.3b': dict(model_type='t2v', in_dim=16, dim=1536, ffn_dim=8960, out_dim=16, num_heads=12, num_layers=30),
     't2v-14b': dict(model_type='t2v', in_dim=16, dim=5120, ffn_dim=13824, out_dim=16, num_heads=40, num_layers=40),
-    # CPU debugging on the toy data: the 'pixel' codec's 192 channels, the debug umT5's 64-dim text, short captions
-    'debug': dict(model_type='t2v', in_dim=192, dim=256, ffn_dim=512, out_dim=192, num_heads=2, num_layers=4,
+    # CPU debugging on the toy data: the 'pixel' codec's 48 channels, the debug umT5's 64-dim text, short captions
+    'debug': dict(model_type='t2v', in_dim=48, dim=256, ffn_dim=512, out_dim=48, num_heads=2, num_layers=4,
                   text_dim=64, text_len=64),
 }
 
