@@ -506,10 +506,11 @@ def test_resume_continues_exactly(tiny_run):
 def test_sample_writes_a_video(tiny_run):
     import decord
     root, _, _ = tiny_run
-    r = run('sample.py', f'--out_dir={root}/a', '--steps=4', f'--out={root}/s.mp4')
+    # (decord misreads some tiny frame sizes, 16x16 among them, so this samples the 16x16 run at 32x32)
+    r = run('sample.py', f'--out_dir={root}/a', '--steps=4', f'--out={root}/s.mp4', '--size=32*32')
     assert r.returncode == 0, r.stderr
     vr = decord.VideoReader(str(root / 's.mp4'))
-    assert (len(vr), *vr[0].shape) == (9, 16, 16, 3)
+    assert (len(vr), *vr[0].shape) == (9, 32, 32, 3)
     assert abs(vr.get_avg_fps() - 4) < 1e-3  # 8 fps source, every 2nd frame
     r = run('sample.py', f'--out_dir={root}/nothing')
     assert r.returncode != 0 and 'train first' in r.stderr
@@ -1936,13 +1937,14 @@ def test_text_embeddings_from_the_manifest(tiny, tmp_path):
 def test_sara_or_route_trains_on_the_aligner_saliency(trained, tiny, tmp_path):
     root, _, _ = trained
     args = [f'--data={tiny}/train.jsonl', '--frames=9', '--height=16', '--width=16', '--batch_size=4', '--proj_dim=64',
-            '--log_interval=1', '--max_iters=12', f'--out_dir={tmp_path}/dit']
+            '--log_interval=1', '--max_iters=20', '--warmup_iters=5', f'--out_dir={tmp_path}/dit']
     r = run('train_dit.py', *args, '--route=or', f'--aligner_ckpt={root}/a/ckpt.pt')
     assert r.returncode == 0, r.stderr
     flow, align = losses(r.stdout), trd_losses(r.stdout)
-    assert all(math.isfinite(v) for v in [*flow.values(), *align.values()]) and len(align) == 12
-    assert sum(align[i] for i in range(9, 13)) < sum(align[i] for i in range(1, 5))
+    assert all(math.isfinite(v) for v in [*flow.values(), *align.values()]) and len(align) == 20
+    assert sum(align[i] for i in range(16, 21)) < sum(align[i] for i in range(1, 6))
+    assert sum(flow[i] for i in range(16, 21)) < sum(flow[i] for i in range(1, 6))
     budget = re.findall(r'saliency ([\d.]+), pairs fg-fg/fg-bg/bg-bg (\d+)%/(\d+)%/(\d+)%, or weight', r.stdout)
-    assert len(budget) == 12 and all(0 < float(s) < 1 and abs(sum(map(int, p)) - 100) <= 2 for s, *p in budget)
+    assert len(budget) == 20 and all(0 < float(s) < 1 and abs(sum(map(int, p)) - 100) <= 2 for s, *p in budget)
     r = run('train_dit.py', *args, '--route=and', f'--aligner_ckpt={tmp_path}/none.pt')
     assert r.returncode != 0 and 'run python train_aligner.py first' in r.stderr
