@@ -489,16 +489,22 @@ def test_training_lowers_the_loss(tiny_run):
     assert json.load(open(root / 'a' / 'config.json'))['max_iters'] == 60
 
 
+def resumed(script, args, root, stop=3, end=5):
+    """An uninterrupted run to `end` in root/full and one stopped at `stop`, then resumed to `end`, in root/half:
+    (the full log, the resumed log, both final checkpoints)."""
+    full = run(script, *args, f'--out_dir={root}/full', f'--max_iters={end}')
+    half = run(script, *args, f'--out_dir={root}/half', f'--max_iters={stop}')
+    rest = run(script, *args, f'--out_dir={root}/half', f'--max_iters={end}', '--init_from=resume')
+    assert full.returncode == half.returncode == rest.returncode == 0, rest.stderr
+    ckpts = [torch.load(root / name / 'ckpt.pt', weights_only=False) for name in ('full', 'half')]
+    return full.stdout, rest.stdout, *ckpts
+
+
 def test_resume_continues_exactly(tiny_run):
     root, args, _ = tiny_run
-    full = run('train_dit.py', *args, f'--out_dir={root}/full', '--max_iters=5')
-    half = run('train_dit.py', *args, f'--out_dir={root}/half', '--max_iters=3')
-    rest = run('train_dit.py', *args, f'--out_dir={root}/half', '--max_iters=5', '--init_from=resume')
-    assert full.returncode == half.returncode == rest.returncode == 0, rest.stderr
-    assert sorted(losses(rest.stdout)) == [4, 5]  # 2 batches per epoch: iteration 5 is in a new epoch
-    assert losses(rest.stdout)[4] == losses(full.stdout)[4] and losses(rest.stdout)[5] == losses(full.stdout)[5]
-    a = torch.load(root / 'full' / 'ckpt.pt', weights_only=False)
-    b = torch.load(root / 'half' / 'ckpt.pt', weights_only=False)
+    full, rest, a, b = resumed('train_dit.py', args, root)
+    assert sorted(losses(rest)) == [4, 5]  # 2 batches per epoch: iteration 5 is in a new epoch
+    assert losses(rest)[4] == losses(full)[4] and losses(rest)[5] == losses(full)[5]
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     assert a['loader'] == b['loader'] and torch.equal(a['rng'], b['rng'])
 
@@ -1624,20 +1630,15 @@ def trd_losses(log):
 
 def test_trd_training_falls_and_resumes_exactly(tiny_run):
     root, args, _ = tiny_run
-    trd = ['--route=uniform', '--proj_dim=64', '--align_layer=2', '--max_iters=20']
-    full = run('train_dit.py', *args, *trd, f'--out_dir={root}/trd_full')
-    half = run('train_dit.py', *args, *trd[:-1], '--max_iters=10', f'--out_dir={root}/trd_half')
-    rest = run('train_dit.py', *args, *trd, f'--out_dir={root}/trd_half', '--init_from=resume')
-    assert full.returncode == half.returncode == rest.returncode == 0, rest.stderr
-    flow, align = losses(full.stdout), trd_losses(full.stdout)
+    full, rest, a, b = resumed('train_dit.py', [*args, '--route=uniform', '--proj_dim=64', '--align_layer=2'],
+                               root / 'trd', stop=10, end=20)
+    flow, align = losses(full), trd_losses(full)
     assert all(math.isfinite(v) for v in [*flow.values(), *align.values()])
     assert sum(align[i] for i in range(16, 21)) < 0.7 * sum(align[i] for i in range(1, 6))
     assert sum(flow[i] for i in range(16, 21)) < sum(flow[i] for i in range(1, 6))
     for i in range(11, 21):  # the projector and its optimizer state come back with the run
-        assert losses(rest.stdout)[i] == flow[i] and trd_losses(rest.stdout)[i] == align[i]
-    a = torch.load(root / 'trd_full' / 'ckpt.pt', weights_only=False)['projector']
-    b = torch.load(root / 'trd_half' / 'ckpt.pt', weights_only=False)['projector']
-    assert all(torch.equal(a[k], b[k]) for k in a)
+        assert losses(rest)[i] == flow[i] and trd_losses(rest)[i] == align[i]
+    assert all(torch.equal(a['projector'][k], b['projector'][k]) for k in a['projector'])
 
 
 # ---------------------------------------------------------------------------------------------- Stage 1 aligner
@@ -1884,14 +1885,9 @@ def test_saliency_task_draws_any_clip_and_caption(trained, tiny):
 
 def test_aligner_resume_continues_exactly(trained):
     root, args, _ = trained
-    full = run('train_aligner.py', *args, f'--out_dir={root}/full', '--max_iters=5')
-    half = run('train_aligner.py', *args, f'--out_dir={root}/half', '--max_iters=3')
-    rest = run('train_aligner.py', *args, f'--out_dir={root}/half', '--max_iters=5', '--init_from=resume')
-    assert full.returncode == half.returncode == rest.returncode == 0, rest.stderr
-    assert sorted(aligner_losses(rest.stdout)) == [4, 5]  # 2 batches per epoch: iteration 5 is in a new epoch
-    assert aligner_losses(rest.stdout)[4] == aligner_losses(full.stdout)[4] and aligner_losses(rest.stdout)[5] == aligner_losses(full.stdout)[5]
-    a = torch.load(root / 'full' / 'ckpt.pt', weights_only=False)
-    b = torch.load(root / 'half' / 'ckpt.pt', weights_only=False)
+    full, rest, a, b = resumed('train_aligner.py', args, root)
+    assert sorted(aligner_losses(rest)) == [4, 5]  # 2 batches per epoch: iteration 5 is in a new epoch
+    assert aligner_losses(rest)[4] == aligner_losses(full)[4] and aligner_losses(rest)[5] == aligner_losses(full)[5]
     assert all(torch.equal(a['aligner'][k], b['aligner'][k]) for k in a['aligner'])
     assert a['loader'] == b['loader']
     assert [h['iter'] for h in json.load(open(root / 'half' / 'metrics.json'))['history']] == [3, 5]

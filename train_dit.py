@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from data import ClipLoader, ensure_shapes
+from models.aligner import load_aligner
 from models.checkpoint import atomic_save, dit_kwargs, export_dit, load_dit, load_state_dict, load_text_and_vae
 from models.settings import configure, save_config
 from models.t5 import T5Encoder, Tokenizer, configs as t5_configs, encode
-from models.aligner import load_aligner
 from models.trd import pair_budget, trd_loss
 from models.vae import load_codec
 from models.vjepa import VJEPA, configs as vjepa_configs, load_vjepa, preprocess
