@@ -72,6 +72,15 @@ def test_settings_errors(script):
         settings(script, ['--max_iters'])
 
 
+def test_help_joins_continued_comments(tmp_path, capsys):
+    path = tmp_path / 'script.py'
+    path.write_text("steps = 3  # how many\n           # steps to take\nx = [1]\n# a plain comment\nlr = 0.1  # rate\n")
+    with pytest.raises(SystemExit):
+        settings(path, ['--help'])
+    out = capsys.readouterr().out
+    assert 'how many steps to take' in out and '--lr' in out and 'plain' not in out
+
+
 def test_help_lists_every_setting_and_config_json_is_written(tmp_path):
     r = run('train_dit.py', '--help')
     assert r.returncode == 0

@@ -30,8 +30,7 @@ from models.wan import WanModel, configs as wan_configs
 out_dir = 'out/dit'            # run folder: config.json, ckpt.pt, tokenizer.json
 data = 'shapes'                # a manifest .jsonl, or 'shapes': the built-in toy set, rendered into data/shapes if absent
 model = 'debug'                # DiT config, a key of models/wan.py configs
-ckpt_dir = ''                  # official Wan2.2 folder whose umT5, tokenizer and VAE to use; '' = the debug umT5
-                               # (frozen, random), the tokenizer beside the manifest and the pixel codec
+ckpt_dir = ''                  # official Wan2.2 folder for umT5, tokenizer and VAE; '' = debug umT5, toy tokenizer, pixel
 device = 'auto'                # auto = cuda when available, else cpu
 seed = 0                       # seeds the weights, noise, timesteps and data order
 batch_size = 8                 # clips per iteration
@@ -47,8 +46,7 @@ grad_clip = 1.0                # clip the gradient norm to this (0 = off)
 t_range = (0.0, 1.0)           # sigma range after the shift, e.g. (0.875, 1.0) for the high-noise A14B expert
 shift = 1.0                    # sigma = shift*u / (1 + (shift-1)*u) for u uniform in the range
 caption_dropout = 0.1          # share of empty captions, so that classifier-free guidance works
-route = 'none'                 # TRD pair routing: none (plain SFT) | uniform (VideoREPA) | motion (MoAlign-style)
-                               # | or (SARA) | and | xor (the last three weight pairs by the aligner's saliency)
+route = 'none'                 # TRD routing: none (SFT) | uniform (VideoREPA) | motion | or (SARA) | and | xor
 aligner_ckpt = 'out/aligner/ckpt.pt'  # Stage 1 run for routes or/and/xor; its V-JEPA is used for the targets too
 trd_weight = 0.5               # L = L_flow + trd_weight * L_TRD
 trd_margin = 0.1               # l_ij = relu(|cos(z_i,z_j) - cos(y_i,y_j)| - margin)

@@ -16,14 +16,20 @@ TYPES = (bool, int, float, str, tuple, list)
 
 def _settings(g, path):
     """Names and comments of the module-level constants declared above the configure() call."""
-    comments, names = {}, []
+    comments, names, last = {}, [], None
     for line in open(path, encoding='utf-8'):
         if re.search(r'\bconfigure\(', line):
             break
         m = re.match(r'^([a-z_][a-z0-9_]*)\s*=[^#]*(?:#\s*(.*))?$', line)
-        if m and isinstance(g.get(m.group(1)), TYPES):
-            names.append(m.group(1))
-            comments[m.group(1)] = (m.group(2) or '').strip()
+        more = re.match(r'^\s+#\s*(.*)$', line)
+        if more and last:  # an indented comment line continues the setting above it
+            comments[last] += ' ' + more.group(1).strip()
+        elif m and isinstance(g.get(m.group(1)), TYPES):
+            last = m.group(1)
+            names.append(last)
+            comments[last] = (m.group(2) or '').strip()
+        else:
+            last = None
     return names, comments
 
 
