@@ -118,15 +118,17 @@ def _load_mask(rec, path, n, header_only=False):
                          f"(re-export the mask with one frame per video frame, or pass --skip_bad=True)")
     return m
 
-def _resize_crop(x, height, width):
-    """[N, C, h, w] -> [N, C, height, width]: scale so the short side covers, centre crop.
-    Bilinear with antialias averages over the footprint when shrinking, so binary masks
-    become soft coverage fractions and thin shapes do not alias away."""
+def resize_crop(x, height, width):
+    """[..., h, w] -> [..., height, width]: scale so the short side covers, centre crop. Bilinear with antialias
+    averages over the footprint when shrinking, so binary masks become soft coverage fractions and thin shapes do
+    not alias away. The one resize of the project: clips, masks, V-JEPA inputs and aligner targets all use it."""
     h, w = x.shape[-2:]
     s = max(height / h, width / w)
     nh, nw = max(height, round(h * s)), max(width, round(w * s))
     if (nh, nw) != (h, w):
-        x = F.interpolate(x, size=(nh, nw), mode='bilinear', antialias=True, align_corners=False)
+        c = x.shape[-3] if x.dim() >= 3 else 1  # channels stay together (uint8 video resizes as [T, 3, h, w])
+        x = F.interpolate(x.reshape(-1, c, h, w), size=(nh, nw), mode='bilinear', antialias=True,
+                          align_corners=False).reshape(*x.shape[:-2], nh, nw)
     top, left = (nh - height) // 2, (nw - width) // 2
     return x[..., top:top + height, left:left + width]
 
@@ -150,13 +152,13 @@ def load_clip(rec, frames, height, width, stride=1, start=0):
     except Exception as err:
         raise ValueError(f"{_where(rec)}: video {rec['video']} failed to decode frames {idx[0]}..{idx[-1]} "
                          f"({str(err).splitlines()[0][:200]}) (re-encode or remove it, or pass --skip_bad=True)") from None
-    x = _resize_crop(x.permute(0, 3, 1, 2), height, width)  # resize in uint8: 4x less memory than float
+    x = resize_crop(x.permute(0, 3, 1, 2), height, width)  # resize in uint8: 4x less memory than float
     video = (x.float() / 127.5 - 1).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
     masks = []
     for e in rec['entities']:
         m = _load_mask(rec, e['mask'], n)[idx].astype(np.float32)
         m = torch.from_numpy(m)[:, None]  # one entity at a time bounds memory
-        masks.append(_resize_crop(m, height, width)[:, 0].clamp(0, 1))
+        masks.append(resize_crop(m, height, width)[:, 0].clamp(0, 1))
     masks = torch.stack(masks) if masks else torch.zeros(0, frames, height, width)
     return dict(video=video, masks=masks, caption=rec['caption'], background=rec['background'],
                 entity_captions=[e['caption'] for e in rec['entities']], where=_where(rec),

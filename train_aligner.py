@@ -32,8 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from data import ClipLoader, ensure_shapes, load_clip, read_manifest
-from models.aligner import (Aligner, auroc, build_queries, info_nce, iou, load_encoders, mask_targets, resize_crop,
+from data import ClipLoader, ensure_shapes, load_clip, read_manifest, resize_crop
+from models.aligner import (Aligner, auroc, build_queries, info_nce, iou, load_encoders, mask_targets,
                             tokenize)
 from models.checkpoint import atomic_save, load_state_dict
 from models.settings import configure, save_config

@@ -11,6 +11,7 @@
 import json
 import math
 import os
+import shutil
 import time
 
 import decord
@@ -137,9 +138,7 @@ def main():
         codec = load_codec('pixel')
         tok_path = os.path.join(os.path.dirname(manifest), 'tokenizer.json')
         tok = Tokenizer(tok_path)
-        os.makedirs(out_dir, exist_ok=True)
-        with open(tok_path, 'rb') as f_in, open(os.path.join(out_dir, 'tokenizer.json'), 'wb') as f_out:
-            f_out.write(f_in.read())
+        shutil.copyfile(tok_path, os.path.join(out_dir, 'tokenizer.json'))  # sample.py reads it from the run
     if codec.z_dim != dit.patch_embedding.in_channels:
         raise SystemExit(f'the codec gives {codec.z_dim} latent channels but the DiT takes '
                          f'{dit.patch_embedding.in_channels} (image-conditioned DiTs are not trained here)')

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import resize_crop
 from models.checkpoint import load_state_dict, load_t5
 from models.t5 import T5Encoder, Tokenizer, configs as t5_configs
 from models.vjepa import VJEPA, configs as vjepa_configs, load_vjepa
@@ -134,20 +135,6 @@ def build_queries(entity_captions, masks, background='', caption=''):
     if background:
         kinds.append('background'), texts.append(background), targets.append(1 - union)
     return kinds, texts, torch.stack(targets)
-
-
-def resize_crop(x, height, width):
-    """[..., h, w] -> [..., height, width] exactly as models.vjepa.preprocess resizes the video: scale to cover
-    (bilinear, antialiased), then centre crop."""
-    h, w = x.shape[-2:]
-    s = max(height / h, width / w)
-    nh, nw = max(height, round(h * s)), max(width, round(w * s))
-    if (nh, nw) != (h, w):
-        y = F.interpolate(x.reshape(-1, 1, h, w).float(), size=(nh, nw), mode='bilinear', antialias=True,
-                          align_corners=False)
-        x = y.reshape(*x.shape[:-2], nh, nw)
-    top, left = (nh - height) // 2, (nw - width) // 2
-    return x[..., top:top + height, left:left + width]
 
 
 def mask_targets(masks, grid):

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import resize_crop
 from models.checkpoint import load_state_dict
 
 # name -> constructor arguments: width, blocks, heads, MLP hidden, version, training resolution (reference 1.1).
@@ -148,13 +149,7 @@ def preprocess(video, grid):
     then crop), nothing beyond the aspect mismatch is cut, so the tokens cover the same field as the caller's grid."""
     B, C, T, H, W = video.shape
     th, tw = 16 * grid[0], 16 * grid[1]
-    scale = max(th / H, tw / W)
-    h, w = max(th, round(H * scale)), max(tw, round(W * scale))
-    x = video.float().transpose(1, 2).reshape(B * T, C, H, W)
-    if (h, w) != (H, W):
-        x = F.interpolate(x, size=(h, w), mode='bilinear', antialias=True, align_corners=False)
-    top, left = (h - th) // 2, (w - tw) // 2
-    x = (x[:, :, top:top + th, left:left + tw] + 1) / 2
+    x = (resize_crop(video.float().transpose(1, 2).reshape(B * T, C, H, W), th, tw) + 1) / 2
     x = (x - x.new_tensor(MEAN).view(1, 3, 1, 1)) / x.new_tensor(STD).view(1, 3, 1, 1)
     return x.reshape(B, T, C, th, tw).transpose(1, 2).to(video.dtype)
 
