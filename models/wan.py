@@ -11,6 +11,9 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from models.parallel import heads_to_seq, seq_gather, seq_shard, seq_to_heads
 
 try:  # FlashAttention 3, then 2, when installed; never required
     from flash_attn_interface import flash_attn_func
@@ -104,12 +107,16 @@ class WanSelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = WanRMSNorm(dim, eps), WanRMSNorm(dim, eps)  # over the full dim, before the head split
 
-    def forward(self, x, freqs):
+    def forward(self, x, freqs, group=None, seq_len=None):
+        """Under sequence parallelism (group) x holds this rank's tokens: Ulysses all-to-alls give attention every
+        token for heads/sp heads; keys beyond seq_len are padding and are left out."""
         B, L, _ = x.shape
         q = self.norm_q(self.q(x)).view(B, L, self.num_heads, self.head_dim)
         k = self.norm_k(self.k(x)).view(B, L, self.num_heads, self.head_dim)
         v = self.v(x).view(B, L, self.num_heads, self.head_dim)
-        return self.o(attention(rope_apply(q, freqs), rope_apply(k, freqs), v).flatten(2))
+        q, k, v = (seq_to_heads(a, group) for a in (rope_apply(q, freqs), rope_apply(k, freqs), v))
+        out = attention(q, k[:, :seq_len], v[:, :seq_len])
+        return self.o(heads_to_seq(out, group).flatten(2))
 
 
 class WanCrossAttention(WanSelfAttention):
@@ -132,10 +139,10 @@ class WanAttentionBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate='tanh'), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
 
-    def forward(self, x, e0, freqs, context):
+    def forward(self, x, e0, freqs, context, group=None, seq_len=None):
         with fp32(x):
             shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.unsqueeze(0) + e0).unbind(2)
-        y = self.self_attn(self.norm1(x).float() * (1 + scale_sa) + shift_sa, freqs)
+        y = self.self_attn(self.norm1(x).float() * (1 + scale_sa) + shift_sa, freqs, group, seq_len)
         with fp32(x):
             x = x + y * gate_sa
         x = x + self.cross_attn(self.norm3(x), context)  # no gate, no modulation
@@ -170,6 +177,7 @@ class WanModel(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
         self.blocks = nn.ModuleList(WanAttentionBlock(dim, ffn_dim, num_heads, eps) for _ in range(num_layers))
         self.head = Head(dim, out_dim, patch_size, eps)
+        self.checkpointing = False  # recompute each block in backward (a trainer setting, not a weight)
 
     def init_weights(self):
         """The official initialisation, for training from scratch."""
@@ -183,11 +191,14 @@ class WanModel(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
         nn.init.zeros_(self.head.head.weight)
 
-    def forward(self, x, t, context, y=None, features_at=0):
+    def forward(self, x, t, context, y=None, features_at=0, group=None):
         """x: [B, C, F, H, W] latents; t: [B] or per-token [B, L] timesteps in [0, 1000];
         context: [B, text_len, text_dim] text features, zero-padded; y: [B, C', F, H, W] extra i2v channels.
         Returns the velocity prediction [B, out_dim, F, H, W] in fp32, and with features_at = k > 0 also the
-        tokens [B, L, dim] after block k (1-indexed, as VideoREPA's align_layer)."""
+        tokens [B, L, dim] after block k (1-indexed, as VideoREPA's align_layer).
+        group: the sequence-parallel group. Every rank passes the same inputs and gets the same output; the blocks
+        see this rank's contiguous chunk of the tokens (padded to a multiple of sp), so the features are that chunk
+        [B, pad_len(L, group) / sp, dim] (gather them with models.parallel.seq_gather)."""
         if y is not None:
             x = torch.cat([x, y], dim=1)
         x = self.patch_embedding(x)
@@ -200,11 +211,18 @@ class WanModel(nn.Module):
             e = self.time_embedding(sinusoidal_embedding_1d(self.freq_dim, tt.flatten()).float()).view(B, tt.shape[1], -1)
             e0 = self.time_projection(e).unflatten(2, (6, -1))
         context = self.text_embedding(context)
+        n = x.shape[1]
+        # this rank's tokens, with their rotations and (per-token) timestep embeddings; shared timesteps stay [B, 1]
+        x, freqs = seq_shard(x, group), seq_shard(freqs, group, dim=0)
+        e, e0 = (seq_shard(a, group) if a.shape[1] == n else a for a in (e, e0))
         for i, block in enumerate(self.blocks):
-            x = block(x, e0, freqs, context)
+            if self.checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, e0, freqs, context, group, n, use_reentrant=False)
+            else:
+                x = block(x, e0, freqs, context, group, n)
             if i + 1 == features_at:
                 features = x
-        out = self.unpatchify(self.head(x, e), (f, h, w)).float()
+        out = self.unpatchify(seq_gather(self.head(x, e), group, n), (f, h, w)).float()
         return (out, features) if features_at else out
 
     def unpatchify(self, x, grid):
