@@ -320,43 +320,51 @@ class _Clips(torch.utils.data.Dataset):
         self.records, self.args, self.seed = recs, (frames, height, width, stride), seed
 
     def __getitem__(self, key):
-        epoch, i = key
+        epoch, i, slot = key
         rng = np.random.default_rng([self.seed, epoch, i])
-        return load_clip(self.records[i], *self.args, start=lambda hi: int(rng.integers(0, hi + 1)))
+        return dict(load_clip(self.records[i], *self.args, start=lambda hi: int(rng.integers(0, hi + 1))),
+                    slot=(epoch, slot))
 
 def _collate(items):
     return dict(video=torch.stack([x['video'] for x in items]), masks=[x['masks'] for x in items],
                 caption=[x['caption'] for x in items], entity_captions=[x['entity_captions'] for x in items],
                 background=[x['background'] for x in items], where=[x['where'] for x in items],
-                text_embedding=[x['text_embedding'] for x in items])
+                text_embedding=[x['text_embedding'] for x in items], slot=[x['slot'] for x in items])
 
 class ClipLoader:
-    """Endless batches for one data-parallel rank. Each epoch is a seeded permutation split
-    into equal disjoint rank shares; (epoch, step) fully determines the next batch, so
-    state_dict/load_state_dict resume exactly. Iterate with one iterator at a time."""
+    """Endless batches for one data-parallel rank. Each epoch is a seeded permutation split into equal disjoint rank
+    shares; an iteration takes `accum` batches. Every clip comes with its slot (epoch, position in the epoch's
+    permutation): the same clip gets the same slot whatever the layout, so randomness drawn per slot (noise,
+    timesteps) makes dp x batch_size x accum layouts of one global batch compute the same thing. The state is the
+    iteration count in the epoch, which resumes exactly, also at another layout with the same global batch.
+    Iterate with one iterator at a time."""
     def __init__(self, manifest, batch_size, frames, height, width, stride=1,
-                 rank=0, world_size=1, seed=0, skip_bad=False, num_workers=0):
+                 rank=0, world_size=1, seed=0, skip_bad=False, num_workers=0, accum=1):
         assert 0 <= rank < world_size, f"rank {rank} must be in [0, {world_size})"
         # skip_bad probes every clip up front, so all ranks agree on the clip list and a batch never shrinks
         need = (frames - 1) * stride + 1
         self.records = read_manifest(manifest, skip_bad, min_frames=need if skip_bad else None)
-        n = len(self.records)
-        if n < world_size * batch_size:
-            raise ValueError(f"{manifest} has {n} usable clips, fewer than world_size*batch_size = "
-                             f"{world_size}*{batch_size} = {world_size * batch_size} needed for one batch per rank "
-                             f"(add clips or lower --batch_size)")
+        n, per_iter = len(self.records), world_size * batch_size * accum
+        if n < per_iter:
+            raise ValueError(f"{manifest} has {n} usable clips, fewer than the {per_iter} of one iteration "
+                             f"(batch_size {batch_size} x {world_size} data-parallel ranks x accumulation {accum}); "
+                             f"add clips or lower --batch_size")
         self.per_rank = n // world_size  # equal shares: every rank runs the same number of steps
-        self.batches_per_epoch = self.per_rank // batch_size  # the last incomplete batch is dropped
+        self.batches_per_epoch = self.per_rank // (batch_size * accum) * accum  # whole iterations; the rest dropped
         self.bs, self.rank, self.world, self.seed, self.workers = batch_size, rank, world_size, seed, num_workers
+        self.accum = accum
         self.ds = _Clips(self.records, frames, height, width, stride, seed)
         self.epoch, self.step = 0, 0
 
-    def state_dict(self):
-        return {'epoch': self.epoch, 'step': self.step}  # position of the next batch to yield
+    def state_dict(self):  # position of the next batch, in whole iterations (saved between iterations)
+        return {'epoch': self.epoch, 'step': self.step // self.accum}
 
     def load_state_dict(self, sd):
-        assert 0 <= sd['step'] < self.batches_per_epoch, f"step {sd['step']} out of range for {self.batches_per_epoch} batches/epoch"
-        self.epoch, self.step = int(sd['epoch']), int(sd['step'])  # takes effect at the next iter()
+        n = self.batches_per_epoch // self.accum
+        if not 0 <= sd['step'] < n:
+            raise ValueError(f"loader step {sd['step']} out of range for {n} iterations per epoch (a different data "
+                             f"set or global batch?)")
+        self.epoch, self.step = int(sd['epoch']), int(sd['step']) * self.accum  # takes effect at the next iter()
 
     def _keys(self):
         epoch, step = self.epoch, self.step
@@ -364,7 +372,7 @@ class ClipLoader:
             perm = torch.randperm(len(self.records), generator=torch.Generator().manual_seed(self.seed + epoch))
             share = perm[self.rank::self.world][:self.per_rank].tolist()
             for s in range(step, self.batches_per_epoch):
-                yield [(epoch, i) for i in share[s * self.bs:(s + 1) * self.bs]]
+                yield [(epoch, share[p], self.rank + self.world * p) for p in range(s * self.bs, (s + 1) * self.bs)]
             epoch, step = epoch + 1, 0
 
     def __iter__(self):

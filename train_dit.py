@@ -2,25 +2,35 @@
 
     python train_dit.py                          # debug DiT on the built-in toy clips, CPU, a few minutes
     python train_dit.py --batch_size=4 --max_iters=2000 --out_dir=out/run2
-    python train_dit.py --init_from=resume       # continue out_dir exactly where it stopped
+    python train_dit.py --init_from=resume       # continue out_dir exactly where it stopped (any world size)
     python train_dit.py --route=uniform          # + VideoREPA's TRD against frozen V-JEPA tokens
     python train_aligner.py && python train_dit.py --route=or   # SARA: pairs weighted by the Stage 1 saliency
-    python train_dit.py --ckpt_dir=Wan2.2-TI2V-5B --init_from=Wan2.2-TI2V-5B --data=my/train.jsonl \
-        --frames=121 --height=704 --width=1280 --export_dir=out/ti2v-export
+    torchrun --nproc_per_node=8 train_dit.py --ckpt_dir=Wan2.2-TI2V-5B --init_from=Wan2.2-TI2V-5B \
+        --data=my/train.jsonl --frames=121 --height=704 --width=1280 --batch_size=1 --sp=2 --export_dir=out/ti2v
+
+Under torchrun the ranks form a ("dp", "sp") mesh: FSDP2 shards the DiT, projector and umT5 over all ranks; the sp
+ranks of a dp group share clips, noise and timesteps and split the tokens (Ulysses). Plain python is the same code
+in a 1-rank group. Checkpoints (out_dir/ckpt) are sharded (torch.distributed.checkpoint) and resume at any world
+size with the same global batch = batch_size x dp x grad_accum.
 """
 import json
 import math
 import os
+import resource
 import shutil
 import time
 
 import decord
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 
 from data import ClipLoader, ensure_shapes
+from models import parallel
 from models.aligner import load_aligner
-from models.checkpoint import atomic_save, dit_kwargs, export_dit, load_dit, load_state_dict, load_text_and_vae
+from models.checkpoint import dit_kwargs, export_dit, load_dit, run_meta, save_sharded, load_text_and_vae
 from models.settings import configure, save_config
 from models.t5 import T5Encoder, Tokenizer, configs as t5_configs, encode
 from models.trd import pair_budget, trd_loss
@@ -28,13 +38,16 @@ from models.vae import load_codec
 from models.vjepa import VJEPA, configs as vjepa_configs, load_vjepa, preprocess
 from models.wan import WanModel, configs as wan_configs
 
-out_dir = 'out/dit'            # run folder: config.json, ckpt.pt, tokenizer.json
+out_dir = 'out/dit'            # run folder: config.json, ckpt/ (sharded checkpoint), tokenizer.json
 data = 'shapes'                # a manifest .jsonl, or 'shapes': the built-in toy set, rendered into data/shapes if absent
 model = 'debug'                # DiT config, a key of models/wan.py configs
 ckpt_dir = ''                  # official Wan2.2 folder for umT5, tokenizer and VAE; '' = debug umT5, toy tokenizer, pixel
-device = 'auto'                # auto = cuda when available, else cpu
-seed = 0                       # seeds the weights, noise, timesteps and data order
-batch_size = 8                 # clips per iteration
+device = 'auto'                # auto = cuda when available (one GPU per torchrun process), else cpu
+seed = 0                       # seeds the weights, and with each clip's slot its noise, timestep and caption dropout
+batch_size = 8                 # clips per iteration per data-parallel rank (and per accumulation step)
+grad_accum = 1                 # accumulation steps: global batch = batch_size x dp x grad_accum
+sp = 1                         # sequence-parallel ranks per clip (Ulysses); dp = world size / sp
+checkpointing = 'auto'         # recompute each DiT block in backward: auto (on with CUDA) | on | off
 frames = 17                    # pixel frames per clip, 1 + 4k
 height = 32                    # clip height after resize and centre crop
 width = 32                     # clip width after resize and centre crop
@@ -53,18 +66,20 @@ trd_weight = 0.5               # L = L_flow + trd_weight * L_TRD
 trd_margin = 0.1               # l_ij = relu(|cos(z_i,z_j) - cos(y_i,y_j)| - margin)
 align_layer = 2                # DiT tokens after this block (1-indexed) are projected and aligned
 proj_dim = 2048                # hidden width of the projector MLP dim -> proj_dim -> proj_dim -> D_vjepa
-trd_pool = 1                   # average-pool both sides spatially by this factor to cut the N x N pairs
+trd_pool = 1                   # average-pool both sides spatially by this factor (after the projector) to cut N x N
 trd_block = 256                # TRD row-block size: memory O(N x block), under N*N/8 floats at N = 16k
 vjepa_model = 'debug'          # V-JEPA variant of models/vjepa.py configs for routes uniform/motion ('debug' = random)
 vjepa_ckpt = ''                # official V-JEPA .pt file ('' only for vjepa_model=debug)
-log_interval = 25              # iterations between log lines (the loss is their mean)
+log_interval = 25              # iterations between log lines (the loss is their mean over iterations and ranks)
 ckpt_interval = 200            # iterations between checkpoints (one is always written at the end)
-init_from = 'scratch'          # scratch | resume (out_dir/ckpt.pt) | a run folder | an official or diffusers DiT folder
+init_from = 'scratch'          # scratch | resume (out_dir/ckpt) | a run folder | an official or diffusers DiT folder
 export_dir = ''                # at the end, also write the DiT here as an official folder (safetensors + config.json)
 skip_bad = False               # skip unreadable clips (counted and reported) instead of stopping
 num_workers = 0                # data loader worker processes
 
 cfg = configure(globals(), __file__)
+
+PEAK_TFLOPS = {'H100': 989, 'H200': 989, 'H800': 989, 'B200': 2250, 'A100': 312, 'A800': 312, 'L40S': 362}  # dense bf16
 
 
 def shifted(u, s):
@@ -92,64 +107,95 @@ def pool_tokens(x, pool):
     return x.flatten(1, 3)
 
 
+def clip_generator(dev, slot):
+    """The random stream of one clip, a function of the seed and its slot (epoch, position in the epoch's order)
+    only: the same numbers at any layout of the global batch, and nothing to save for an exact resume."""
+    return torch.Generator(dev).manual_seed((seed * 1_000_003 + slot[0]) * 1_000_003 + slot[1])
+
+
 def main():
-    dev = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device)
     if model not in wan_configs:
         raise SystemExit(f"unknown model '{model}'; choose one of {', '.join(wan_configs)}")
     if route not in ('none', 'uniform', 'motion', 'or', 'and', 'xor'):
         raise SystemExit(f"unknown route '{route}'; choose none, uniform, motion, or, and or xor")
-    manifest = ensure_shapes('data/shapes') if data == 'shapes' else data
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    ckpt, arch = None, wan_configs[model]
+    if checkpointing not in ('auto', 'on', 'off'):
+        raise SystemExit(f"checkpointing='{checkpointing}': choose auto, on or off")
+    ckpt_path = os.path.join(out_dir, 'ckpt')
+    meta, run = None, None  # the checkpoint we resume, or the run whose weights we start from
     if init_from == 'resume':
-        if not os.path.exists(ckpt_path):
+        if not os.path.isdir(ckpt_path):
             raise SystemExit(f'init_from=resume: {ckpt_path} does not exist (train with init_from=scratch first)')
-        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False)
-        arch = ckpt['arch']
-    elif os.path.exists(os.path.join(init_from, 'ckpt.pt')):  # another run: its weights, a fresh optimizer
-        ckpt = {k: v for k, v in torch.load(os.path.join(init_from, 'ckpt.pt'), map_location='cpu',
-                                            weights_only=False).items() if k in ('model', 't5', 'arch')}
-        arch = ckpt['arch']
-    elif init_from != 'scratch':
-        if not os.path.exists(os.path.join(init_from, 'config.json')):
-            raise SystemExit(f"init_from='{init_from}' is neither scratch, resume, a run folder (ckpt.pt) nor a DiT "
-                             f"folder (config.json)")
+        meta, run = run_meta(ckpt_path), ckpt_path
+        arch = meta['arch']
+    elif os.path.isdir(os.path.join(init_from, 'ckpt')):  # another run: its weights, a fresh optimizer
+        run = os.path.join(init_from, 'ckpt')
+        arch = run_meta(run)['arch']
+    elif init_from == 'scratch':
+        arch = wan_configs[model]
+    elif os.path.exists(os.path.join(init_from, 'config.json')):
         with open(os.path.join(init_from, 'config.json')) as f:
             arch = dit_kwargs(json.load(f), init_from)[0]
-    save_config(cfg, out_dir)
+    else:
+        raise SystemExit(f"init_from='{init_from}' is neither scratch, resume, a run folder (ckpt/) nor a DiT folder "
+                         f"(config.json)")
+    mesh, dev = parallel.init(sp, device, heads=arch['num_heads'])
+    group, rank, world = parallel.sp_group(mesh), dist.get_rank(), dist.get_world_size()
+    dp, dp_rank, master = mesh['dp'].size(), mesh['dp'].get_local_rank(), dist.get_rank() == 0
+    global_batch = batch_size * dp * grad_accum
+    if meta is not None and meta['global_batch'] != global_batch:
+        raise SystemExit(f"{ckpt_path} was trained with a global batch of {meta['global_batch']} clips; this layout "
+                         f"gives {global_batch} (batch_size {batch_size} x dp {dp} x grad_accum {grad_accum}): set "
+                         f"batch_size or grad_accum so that the product stays {meta['global_batch']}")
+    manifest = ensure_shapes('data/shapes') if data == 'shapes' else data
+    try:  # every rank builds the same clip list; a layout the data cannot fill is refused on all of them
+        loader = ClipLoader(manifest, batch_size, frames, height, width, stride=frame_stride, rank=dp_rank,
+                            world_size=dp, seed=seed, skip_bad=skip_bad, num_workers=num_workers, accum=grad_accum)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    if master:
+        save_config(cfg, out_dir)
+        print(f'world {world} = dp {dp} x sp {sp}; global batch {global_batch} = batch_size {batch_size} x dp {dp} x '
+              f'grad_accum {grad_accum}', flush=True)
     torch.manual_seed(seed)
 
-    if init_from not in ('scratch', 'resume') and ckpt is None:
-        dit = load_dit(init_from, dev, torch.float32)  # fp32 master weights; bf16 compute under autocast
-    else:
+    # the DiT: FSDP-sharded before it holds any weights, filled shard by shard (no rank holds a full fp32 copy)
+    shard_dit = lambda m: parallel.shard(m, mesh, m.blocks)
+    if run is None and init_from != 'scratch':
+        dit = load_dit(init_from, dev, torch.float32, prepare=shard_dit)  # fp32 master weights, bf16 autocast
+    elif run is None:  # scratch: the seed's initialisation, the same at every layout
         dit = WanModel(**arch)
         dit.init_weights()
-        if ckpt is not None:
-            load_state_dict(dit, ckpt['model'], ckpt_path if init_from == 'resume' else init_from)
-    dit.to(dev).train()
-    if ckpt_dir:  # the official frozen umT5, tokenizer and VAE
-        t5, tok, codec = load_text_and_vae(ckpt_dir, dit.out_dim, dev, dev)
+        dit = shard_dit(dit.to(dev))
+    else:  # a run's checkpoint: DCP fills the shards below
+        with torch.device('meta'):
+            dit = shard_dit(WanModel(**arch))
+        dit.to_empty(device=dev)
+    dit.train().checkpointing = checkpointing == 'on' or (checkpointing == 'auto' and dev.type == 'cuda')
+    if ckpt_dir:  # the official frozen umT5 (sharded like the DiT: 10.6 GiB in bf16 unsharded), tokenizer and VAE
+        t5, tok, codec = load_text_and_vae(ckpt_dir, dit.out_dim, dev, dev, lambda m: parallel.shard(m, mesh, m.blocks))
     else:  # a frozen random debug umT5 made from the seed, saved with the run
         t5 = T5Encoder(**t5_configs['debug']).eval().requires_grad_(False)
         t5.init_weights(seed)
-        if ckpt is not None and 't5' in ckpt:
-            t5.load_state_dict(ckpt['t5'])
+        if meta is not None:
+            t5.load_state_dict(meta['t5'])
         t5.to(dev)
         codec = load_codec('pixel')
         tok_path = os.path.join(os.path.dirname(manifest), 'tokenizer.json')
         tok = Tokenizer(tok_path)
-        shutil.copyfile(tok_path, os.path.join(out_dir, 'tokenizer.json'))  # sample.py reads it from the run
+        if master:
+            shutil.copyfile(tok_path, os.path.join(out_dir, 'tokenizer.json'))  # sample.py reads it from the run
     if codec.z_dim != dit.patch_embedding.in_channels:
         raise SystemExit(f'the codec gives {codec.z_dim} latent channels but the DiT takes '
                          f'{dit.patch_embedding.in_channels} (image-conditioned DiTs are not trained here)')
 
-    projector = vjepa = aligner = None
+    vjepa = aligner = None
+    trainable = torch.nn.ModuleDict({'dit': dit})  # one state dict and one optimizer for the DiT and the projector
     if route in ('or', 'and', 'xor'):  # the frozen Stage 1 aligner, with the V-JEPA and umT5 it was trained with
         if not os.path.exists(aligner_ckpt):
             raise SystemExit(f'route={route} weights token pairs by the Stage 1 saliency, but {aligner_ckpt} does not '
                              f'exist: run python train_aligner.py first (or point --aligner_ckpt at a run)')
         aligner, vjepa, a_t5, a_tok, a_cfg = load_aligner(aligner_ckpt, dev)
-    elif route != 'none':  # frozen V-JEPA targets
+    elif route != 'none':  # frozen V-JEPA targets (replicated: small next to the DiT; cached in real runs)
         if vjepa_model == 'debug':
             vjepa = VJEPA(**vjepa_configs['debug']).eval().requires_grad_(False)
         elif not vjepa_ckpt:
@@ -158,100 +204,131 @@ def main():
             vjepa = load_vjepa(vjepa_ckpt, vjepa_model)
         vjepa.to(dev)
     if route != 'none':  # a trainable projector, saved with the run and left out of the export
-        dim = dit.blocks[0].ffn[0].in_features
-        projector = torch.nn.Sequential(torch.nn.Linear(dim, proj_dim), torch.nn.SiLU(), torch.nn.Linear(proj_dim, proj_dim),
-                                        torch.nn.SiLU(), torch.nn.Linear(proj_dim, vjepa.patch_embed.proj.out_channels)).to(dev)
-        if ckpt is not None and 'projector' in ckpt:
-            load_state_dict(projector, ckpt['projector'], ckpt_path + ' (projector)')
         if not 1 <= align_layer <= len(dit.blocks):
             raise SystemExit(f'align_layer={align_layer} is not a block of this DiT (1..{len(dit.blocks)})')
+        dim = dit.blocks[0].ffn[0].in_features
+        projector = torch.nn.Sequential(torch.nn.Linear(dim, proj_dim), torch.nn.SiLU(), torch.nn.Linear(proj_dim, proj_dim),
+                                        torch.nn.SiLU(), torch.nn.Linear(proj_dim, vjepa.patch_embed.proj.out_channels))
+        trainable['projector'] = parallel.shard(projector.to(dev), mesh)
 
-    loader = ClipLoader(manifest, batch_size, frames, height, width, stride=frame_stride, seed=seed,
-                        skip_bad=skip_bad, num_workers=num_workers)
     fps = decord.VideoReader(loader.records[0]['video']).get_avg_fps() / frame_stride
-    params = [*dit.parameters(), *(projector.parameters() if projector else [])]
+    params = list(trainable.parameters())
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
                             lr=learning_rate, betas=(0.9, 0.99), fused=dev.type == 'cuda')
-    gen = torch.Generator(dev).manual_seed(seed)
     it = 0
-    if init_from == 'resume':
-        opt.load_state_dict(ckpt['optimizer'])
-        loader.load_state_dict(ckpt['loader'])
-        gen.set_state(ckpt['rng'])
-        it = ckpt['iter']
+    if run is not None:  # DCP reads each rank's slices, whatever the world size that wrote them
+        state = {'model': get_state_dict(trainable, opt)[0]} if meta is None else \
+            dict(zip(('model', 'optim'), get_state_dict(trainable, opt)))
+        if meta is None:  # another run: the DiT only
+            state['model'] = {k: v for k, v in state['model'].items() if k.startswith('dit.')}
+        dcp.load(state, checkpoint_id=run)
+        set_state_dict(trainable, opt, model_state_dict=state['model'], optim_state_dict=state.get('optim', {}),
+                       options=StateDictOptions(strict=meta is not None))
+    if meta is not None:
+        loader.load_state_dict(meta['loader'])
+        it = meta['iter']
     u_lo, u_hi = (r / (shift - (shift - 1) * r) for r in t_range)  # the shift's inverse maps t_range to u
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if dev.type == 'cuda' else torch.autocast('cpu', enabled=False)
+    n_params = sum(p.numel() for p in dit.parameters())
+    peak = next((v for k, v in PEAK_TFLOPS.items() if dev.type == 'cuda' and k in torch.cuda.get_device_name(dev)), 0)
 
     def save():
-        atomic_save({'model': dit.state_dict(), 'optimizer': opt.state_dict(), 'loader': loader.state_dict(),
-                     'rng': gen.get_state(), 'iter': it, 'config': cfg, 'arch': arch, 'fps': fps,
-                     **({} if ckpt_dir else {'t5': t5.state_dict()}),
-                     **({'projector': projector.state_dict()} if projector else {})}, ckpt_path)
+        model_sd, optim_sd = get_state_dict(trainable, opt)
+        save_sharded(ckpt_path, {'model': model_sd, 'optim': optim_sd},
+                     {'iter': it, 'loader': loader.state_dict(), 'global_batch': global_batch, 'config': cfg,
+                      'arch': arch, 'fps': fps, 'world': world, **({} if ckpt_dir else {'t5': t5.state_dict()})})
 
-    batches = iter(loader)
-    losses, trd_losses, t0, w = [], [], time.time(), None
-    while it < max_iters:
-        batch = next(batches)
+    def step(batch):
+        """One micro-batch: returns (this rank's loss share, L_flow, this rank's share of L_TRD, tokens, saliency)."""
+        B = len(batch['caption'])
+        gens = [clip_generator(dev, s) for s in batch['slot']]
         with torch.no_grad():
             x0 = codec.encode(batch['video'].to(dev))
-            captions = [c if keep else '' for c, keep in
-                        zip(batch['caption'], torch.rand(len(batch['caption']), generator=gen, device=dev) >= caption_dropout)]
-            ids, mask = tok(captions, dit.text_len)
+            keep = [torch.rand(1, generator=g, device=dev).item() >= caption_dropout for g in gens]
+            ids, mask = tok([c if k else '' for c, k in zip(batch['caption'], keep)], dit.text_len)
             context = encode(t5, ids.to(dev), mask.to(dev), dit.text_len)
-            u = u_lo + (u_hi - u_lo) * torch.rand(x0.shape[0], generator=gen, device=dev)
+            u = u_lo + (u_hi - u_lo) * torch.cat([torch.rand(1, generator=g, device=dev) for g in gens])
             sigma = shifted(u, shift).view(-1, 1, 1, 1, 1)
-            noise = torch.randn(x0.shape, generator=gen, device=dev)
+            noise = torch.stack([torch.randn(x0.shape[1:], generator=g, device=dev) for g in gens])
             xt = (1 - sigma) * x0 + sigma * noise
-        lr = learning_rate * min(1.0, (it + 1) / warmup_iters) if warmup_iters else learning_rate
-        for group in opt.param_groups:
-            group['lr'] = lr
+        grid = (x0.shape[2], x0.shape[3] // dit.patch_size[1], x0.shape[4] // dit.patch_size[2])
+        n_tok = math.prod(grid)
         with autocast:
-            if projector is None:
-                pred, l_trd = dit(xt, 1000 * sigma.flatten(), context), None
-            else:
-                pred, feats = dit(xt, 1000 * sigma.flatten(), context, features_at=align_layer)
-                grid = (x0.shape[2] - 1, x0.shape[3] // dit.patch_size[1], x0.shape[4] // dit.patch_size[2])  # w/o frame 0
-                z = projector(pool_tokens(feats.unflatten(1, (grid[0] + 1, *grid[1:]))[:, 1:], trd_pool))
+            out = dit(xt, 1000 * sigma.flatten(), context, features_at=align_layer if route != 'none' else 0,
+                      group=group)
+            pred, feats = out if route != 'none' else (out, None)
+            l_flow = F.mse_loss(pred, noise - x0)  # the same on every sp rank: each takes 1/sp of it
+            l_trd, w = None, None
+            if feats is not None:  # project this rank's tokens, gather them: each rank its rows against all columns
+                z = parallel.seq_gather(trainable['projector'](feats), group, n_tok).unflatten(1, grid)[:, 1:]
+                z = pool_tokens(z, trd_pool)  # latent frame 0 dropped (the causal VAE codes pixel frame 0 alone)
+                T = (grid[0] - 1, *grid[1:])
                 with torch.no_grad():
-                    tokens = vjepa_tokens(vjepa, batch['video'].to(dev), grid)
-                    y, w = to_dit_grid(tokens, trd_pool), None
+                    tokens = vjepa_tokens(vjepa, batch['video'].to(dev), T)
+                    y = to_dit_grid(tokens, trd_pool)
                     if aligner is not None:  # saliency of the full caption on the same V-JEPA tokens
                         ids, mask = a_tok(batch['caption'], a_cfg['text_len'])
                         n = int(mask.sum(1).max())
                         text = encode(a_t5, ids[:, :n].to(dev), mask[:, :n].to(dev), n)
-                        logits, _ = aligner(tokens.flatten(1, 3), (2 * grid[0], *grid[1:]), text, mask[:, :n].to(dev))
+                        logits, _ = aligner(tokens.flatten(1, 3), (2 * T[0], *T[1:]), text, mask[:, :n].to(dev))
                         w = to_dit_grid(torch.sigmoid(logits.float()).view(*tokens.shape[:4], 1), trd_pool)[..., 0]
-                pooled = (grid[0], grid[1] // trd_pool, grid[2] // trd_pool)
-                l_trd = trd_loss(z, y, w, route=route, margin=trd_margin, block=trd_block, grid=pooled)
-        l_flow = F.mse_loss(pred, noise - x0)
-        loss = l_flow if l_trd is None else l_flow + trd_weight * l_trd
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+                pooled = (T[0], T[1] // trd_pool, T[2] // trd_pool)
+                part = (0, 1) if group is None else (group.rank(), sp)
+                l_trd = trd_loss(z, y, w, route=route, margin=trd_margin, block=trd_block, grid=pooled, part=part)
+        share = l_flow / sp + (0 if l_trd is None else trd_weight * l_trd)
+        return share, l_flow.detach(), (torch.zeros(()) if l_trd is None else l_trd.detach()), B * n_tok, w
+
+    batches = iter(loader)
+    sums, t0, n_logged, tokens_done = torch.zeros(2), time.time(), 0, 0
+    while it < max_iters:
+        lr = learning_rate * min(1.0, (it + 1) / warmup_iters) if warmup_iters else learning_rate
+        for g in opt.param_groups:
+            g['lr'] = lr
+        for _ in range(grad_accum):  # FSDP reduce-scatters every micro-step: sharded gradients accumulate
+            share, l_flow, l_trd, n_tok, w = step(next(batches))
+            # FSDP averages gradients over all dp*sp ranks; the shares of an sp group must add up: scale by sp
+            (share * sp / grad_accum).backward()
+            sums += torch.stack([l_flow.cpu() / sp, l_trd.cpu()]) / grad_accum
+            tokens_done += n_tok
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
+        opt.zero_grad(set_to_none=True)
         it += 1
-        losses.append(l_flow.item())
-        trd_losses.append(0.0 if l_trd is None else l_trd.item())
+        n_logged += 1
         if it % log_interval == 0 or it == max_iters:
-            dt = (time.time() - t0) / len(losses)
-            tokens = x0.shape[0] * math.prod(x0.shape[2:]) // math.prod(dit.patch_size)
-            trd = '' if l_trd is None else f', trd {sum(trd_losses) / len(trd_losses):.4f}'
+            dist.all_reduce(sums)  # sums over sp of the shares, then over dp
+            l_flow, l_trd = (sums / (dp * n_logged)).tolist()
+            dt = (time.time() - t0) / n_logged
+            tok_s = tokens_done * world / sp / (time.time() - t0)  # every dp group processes its own tokens
+            trd = '' if route == 'none' else f', trd {l_trd:.4f}'
             if w is not None:  # the last batch's saliency and how the route spends its pair budget (the paper's figure)
                 b = pair_budget(w)
                 trd += (f", saliency {w.mean():.3f}, pairs fg-fg/fg-bg/bg-bg {b['fg_fg']:.0%}/{b['fg_bg']:.0%}/"
                         f"{b['bg_bg']:.0%}, {route} weight {b[route + '/fg_fg']:.0%}/{b[route + '/fg_bg']:.0%}/"
                         f"{b[route + '/bg_bg']:.0%}")
-            print(f'iter {it}: loss {sum(losses) / len(losses):.4f}{trd}, {1000 * dt:.1f} ms/iter, '
-                  f'{tokens / dt:,.0f} tokens/s, lr {lr:.2e}', flush=True)
-            losses, trd_losses, t0 = [], [], time.time()
+            if dev.type == 'cuda':
+                mem = f', peak mem {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB'
+                L = tokens_done / (n_logged * grad_accum * batch_size)  # tokens per clip
+                flops = 6 * n_params + 12 * len(dit.blocks) * dit.blocks[0].ffn[0].in_features * (L + dit.text_len)
+                mem += f', MFU {flops * tok_s / world / (peak * 1e12):.1%}' if peak else ''
+            else:
+                mem = f', peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB'
+            if master:
+                print(f'iter {it}: loss {l_flow:.4f}{trd}, {1000 * dt:.1f} ms/iter, {tok_s:,.0f} tokens/s, '
+                      f'lr {lr:.2e}{mem}', flush=True)
+            sums, t0, n_logged, tokens_done = torch.zeros(2), time.time(), 0, 0
         if it % ckpt_interval == 0 or it == max_iters:
             save()
-    if export_dir:
-        export_dit(dit, export_dir)
-    print(f'done: {ckpt_path}' + (f', exported to {export_dir}' if export_dir else ''))
+    if export_dir:  # consolidated on rank 0's host memory, one tensor at a time over the network
+        sd = get_model_state_dict(dit, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if master:
+            export_dit(dit, export_dir, sd=sd)
+    if master:
+        print(f'done: {ckpt_path}' + (f', exported to {export_dir}' if export_dir else ''), flush=True)
+    parallel.close()
 
 
 if __name__ == '__main__':

@@ -9,9 +9,12 @@ import re
 import shutil
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from models.parallel import copy_full
 from models.t5 import T5Encoder, Tokenizer, t5_config
 from models.vae import WanVAE, vae_config
 from models.wan import WanModel
@@ -142,9 +145,10 @@ def _entries(path):
     return {k: (v.shape, v.dtype, lambda v=v: v) for k, v in load_pth(path).items()}
 
 
-def _materialise(model, entries, source, device, dtype, strict):
+def _materialise(model, entries, source, device, dtype, strict, prepare=None):
     """Fill model from entries {key: (shape, dtype, load)}: check names and shapes first, allocate the model at
-    device/dtype (to_empty when it was built on meta), then copy one tensor at a time."""
+    device/dtype (to_empty when it was built on meta), then copy one tensor at a time. prepare(model) runs on the
+    meta model before allocation (FSDP sharding: each rank then allocates and keeps only its slices)."""
     _, ok = check_keys(model, {k: e[0] for k, e in entries.items()}, source, strict)
     if dtype is None:  # the file's own dtype
         found = {entries[k][1] for k in ok if entries[k][1].is_floating_point}
@@ -159,11 +163,13 @@ def _materialise(model, entries, source, device, dtype, strict):
                          f'would leave uninitialised; build it on {device} instead of meta')
     if dtype is not None:
         model.to(dtype=dtype)  # on meta this only changes the recorded dtype: nothing is allocated yet
+    if prepare is not None:
+        model = prepare(model)
     model.to_empty(device=device) if meta else model.to(device)
     with torch.no_grad():
-        own = model.state_dict()  # tensors sharing storage with the parameters
+        own = model.state_dict()  # tensors sharing storage with the parameters (or their FSDP shards)
         for k in ok:
-            own[k].copy_(entries[k][2]())
+            copy_full(own[k], entries[k][2]())
         if meta:
             for k in own.keys() - set(ok):  # reachable only with strict=False: no garbage memory, zeros
                 own[k].zero_()
@@ -178,9 +184,9 @@ def load_weights(model, path, device, dtype=None, strict=True):
     return _materialise(model, _entries(path), path, device, dtype, strict)
 
 
-def load_t5(path, device, dtype=None):
+def load_t5(path, device, dtype=None, prepare=None):
     """The umT5 encoder of models_t5_umt5-xxl-enc-bf16.pth (or a .safetensors copy), sized by the file's shapes."""
-    return _from_file(lambda shapes: T5Encoder(**t5_config(shapes)), path, device, dtype)
+    return _from_file(lambda shapes: T5Encoder(**t5_config(shapes)), path, device, dtype, prepare)
 
 
 def load_vae(path, device):
@@ -188,25 +194,25 @@ def load_vae(path, device):
     return _from_file(lambda shapes: WanVAE(**vae_config(shapes)), path, device, torch.float32)
 
 
-def load_text_and_vae(ckpt_dir, z_dim, t5_device, vae_device):
+def load_text_and_vae(ckpt_dir, z_dim, t5_device, vae_device, prepare_t5=None):
     """The frozen umT5 encoder, its tokenizer and the VAE of an official checkpoint folder (the VAE whose latent
-    width is z_dim when the folder holds both)."""
+    width is z_dim when the folder holds both); prepare_t5 as in load_dit."""
     vaes = [n for n in ('Wan2.2_VAE.pth', 'Wan2.1_VAE.pth') if os.path.exists(os.path.join(ckpt_dir, n))]
     if not vaes:
         raise FileNotFoundError(f'{ckpt_dir} holds neither Wan2.2_VAE.pth nor Wan2.1_VAE.pth: pass the checkpoint '
                                 f'folder that has the umT5 and VAE files')
     vae = vaes[0] if len(vaes) == 1 else 'Wan2.2_VAE.pth' if z_dim == 48 else 'Wan2.1_VAE.pth'
-    return (load_t5(os.path.join(ckpt_dir, 'models_t5_umt5-xxl-enc-bf16.pth'), t5_device),
+    return (load_t5(os.path.join(ckpt_dir, 'models_t5_umt5-xxl-enc-bf16.pth'), t5_device, prepare=prepare_t5),
             Tokenizer(os.path.join(ckpt_dir, 'google', 'umt5-xxl')), load_vae(os.path.join(ckpt_dir, vae), vae_device))
 
 
-def _from_file(build, path, device, dtype):
+def _from_file(build, path, device, dtype, prepare=None):
     path = str(path)
     _need(path, 'pass an existing .pth or .safetensors file (the official ones sit at the checkpoint folder root)')
     entries = _entries(path)
     with torch.device('meta'):
         model = build({k: tuple(e[0]) for k, e in entries.items()})
-    return _materialise(model, entries, path, device, dtype, strict=True).eval().requires_grad_(False)
+    return _materialise(model.requires_grad_(False), entries, path, device, dtype, True, prepare).eval()
 
 
 def load_pth(path):
@@ -258,9 +264,10 @@ def dit_files(folder):
                   'download the DiT weights into it')]
 
 
-def load_dit(folder, device, dtype=None, strict=True):
+def load_dit(folder, device, dtype=None, strict=True, prepare=None):
     """An official (`WanModel`) or diffusers (`WanTransformer3DModel`) DiT folder -> WanModel on device, in the
-    file's dtype unless dtype is given."""
+    file's dtype unless dtype is given. prepare(model) runs on the meta model before it is filled (FSDP sharding:
+    each rank then holds only its slices; files are read one tensor at a time)."""
     folder = str(folder)
     _need(folder, 'pass the folder holding config.json and the DiT safetensors (for A14B see expert_folders)')
     kwargs, table = dit_kwargs(_read_json(os.path.join(folder, 'config.json'), 'a DiT folder holds config.json next to '
@@ -270,7 +277,7 @@ def load_dit(folder, device, dtype=None, strict=True):
         entries.update(_entries(path))
     with torch.device('meta'):
         model = WanModel(**kwargs)
-    return _materialise(model, rename(entries, table) if table else entries, folder, device, dtype, strict)
+    return _materialise(model, rename(entries, table) if table else entries, folder, device, dtype, strict, prepare)
 
 
 def expert_folders(ckpt_dir):
@@ -287,10 +294,10 @@ def expert_folders(ckpt_dir):
                             'pass the downloaded checkpoint folder')
 
 
-def export_dit(model, folder, dtype=None, max_shard_bytes=10 * 10**9):
+def export_dit(model, folder, dtype=None, max_shard_bytes=10 * 10**9, sd=None):
     """Write model as an official DiT folder that load_dit and the official code read: config.json and
     diffusion_pytorch_model.safetensors, sharded with an index json above max_shard_bytes. Written beside as
-    folder.tmp and renamed, so folder is never half-written."""
+    folder.tmp and renamed, so folder is never half-written. sd: the full state dict when model is sharded."""
     m, folder = model, os.path.normpath(str(folder))
     other = [n for n in (os.listdir(folder) if os.path.isdir(folder) else [])
              if n != 'config.json' and not n.startswith('diffusion_pytorch_model')]
@@ -303,7 +310,7 @@ def export_dit(model, folder, dtype=None, max_shard_bytes=10 * 10**9):
                num_layers=len(m.blocks), eps=m.blocks[0].norm1.eps)
     extra = dict(text_dim=m.text_embedding[0].in_features, patch_size=list(m.patch_size))
     cfg.update({k: v for k, v in extra.items() if v != DIT_FIXED[k]})
-    sd = model.state_dict()
+    sd = model.state_dict() if sd is None else sd
     shards, size = [[]], 0  # greedy, in state-dict order, by size at the written dtype
     for k, v in sd.items():
         n = v.numel() * (dtype or v.dtype).itemsize
@@ -347,3 +354,42 @@ def _atomic(path, write):
 def atomic_save(obj, path):
     """torch.save to a temporary name, then rename."""
     _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+# ---------------------------------------------------------------------------------------------- training runs
+
+def save_sharded(folder, state, meta):
+    """A resumable training checkpoint: `state` (nested dicts of possibly sharded tensors) written by every rank
+    with torch.distributed.checkpoint, `meta` (small, the same on every rank) by rank 0 as meta.pt. Written as
+    folder.tmp and renamed, so folder always holds a whole checkpoint. DCP reshards on load: any world size."""
+    tmp, old, first = folder + '.tmp', folder + '.old', dist.get_rank() == 0
+    if first:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
+    dist.barrier()
+    dcp.save(state, checkpoint_id=tmp)  # returns on every rank once rank 0 has written the metadata
+    if first:
+        torch.save(meta, os.path.join(tmp, 'meta.pt'))
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(folder):  # a crash between the renames leaves the previous checkpoint whole at folder.old
+            os.rename(folder, old)
+        os.rename(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def run_meta(folder):
+    """meta.pt of a run's checkpoint folder (out_dir/ckpt), or one sentence saying what is missing."""
+    path = os.path.join(folder, 'meta.pt')
+    if not os.path.exists(path):
+        raise SystemExit(f'{folder} is not a finished checkpoint (no meta.pt): train first (python train_dit.py) or '
+                         f'point at a run folder')
+    return torch.load(path, map_location='cpu', weights_only=False)
+
+
+def load_run_dit(folder, device='cpu'):
+    """The consolidated DiT of a train_dit.py checkpoint folder (out_dir/ckpt), at any world size, with its meta."""
+    meta = run_meta(folder)
+    dit = WanModel(**meta['arch'])
+    sd = {f'dit.{k}': v for k, v in dit.state_dict().items()}
+    dcp.load({'model': sd}, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    return dit.to(device), meta

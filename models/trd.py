@@ -45,23 +45,23 @@ class _PairSum(torch.autograd.Function):
     symmetric, d/dz_i = 2 sum_j M_ij z_j with M = W * dl/dcos_z, so rows alone cover every gradient term."""
 
     @staticmethod
-    def forward(ctx, z, y, w, margin, c, block, grad):
+    def forward(ctx, z, y, w, margin, c, block, grad, rows):
         N = z.shape[0]
         gz = torch.zeros_like(z) if grad and ctx.needs_input_grad[0] else None
         gw = torch.zeros_like(w) if grad and ctx.needs_input_grad[2] else None
         total = z.new_zeros(())
-        for r in range(0, N, block):
-            wr = w[r:r + block]
-            d = z[r:r + block] @ z.T
-            d -= y[r:r + block] @ y.T                                   # cos_z - cos_y, [b, N]
+        for r in range(*rows, block):
+            wr = w[r:min(r + block, rows[1])]
+            d = z[r:r + len(wr)] @ z.T
+            d -= y[r:r + len(wr)] @ y.T                                 # cos_z - cos_y, [b, N]
             l = d.abs().sub_(margin).relu_()
             W = torch.addr(c[0] + c[1] * w, wr, c[1] + c[2] * w)        # = c0 + c1 w_j + w_i (c1 + c2 w_j)
             total += torch.dot(W.flatten(), l.flatten())
             if gw is not None:                                          # dW_ij/dw_i = c1 + c2 w_j, twice by symmetry
-                gw[r:r + block] = 2 * (l @ (c[1] + c[2] * w))
+                gw[r:r + len(wr)] = 2 * (l @ (c[1] + c[2] * w))
             if gz is not None:                                          # in place: three [b, N] buffers at most
                 M = W.mul_(d.sign_()).mul_(l.gt_(0))                     # W_ij dl_ij/dcos(z_i, z_j)
-                gz[r:r + block] = 2 * (M @ z)
+                gz[r:r + len(wr)] = 2 * (M @ z)
                 del M
             del d, l, W                                                 # free before the next block allocates
         ctx.save_for_backward(gz, gw)
@@ -70,26 +70,30 @@ class _PairSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         gz, gw = ctx.saved_tensors
-        return (None if gz is None else g * gz, None, None if gw is None else g * gw, None, None, None, None)
+        return (None if gz is None else g * gz, None, None if gw is None else g * gw, None, None, None, None, None)
 
 
-def _clip_loss(z, y, w, c, margin, block):
+def _clip_loss(z, y, w, c, margin, block, part):
     N = z.shape[0]
+    step = -(-N // part[1])
+    rows = (min(N, part[0] * step), min(N, (part[0] + 1) * step))
     dtype = torch.promote_types(z.dtype, torch.float32)    # cosines within a 0.1 margin need more than bf16
     with torch.autocast(z.device.type, enabled=False):
         z = F.normalize(z.to(dtype), dim=-1)
         y = F.normalize(y.detach().to(dtype), dim=-1)          # frozen target: no gradient
         w = z.new_zeros(N) if w is None else w.to(dtype)
-        total = _PairSum.apply(z, y, w, margin, c, block, torch.is_grad_enabled())
+        total = _PairSum.apply(z, y, w, margin, c, block, torch.is_grad_enabled(), rows)
         S = w.sum()
         norm = c[0] * N * N + 2 * c[1] * N * S + c[2] * S * S  # sum_ij W_ij, diagonal included
         return total / norm.clamp_min(1e-12)                   # a clip with no weight contributes 0
 
 
-def trd_loss(z, y, w=None, route='or', margin=0.1, block=256, grid=None):
+def trd_loss(z, y, w=None, route='or', margin=0.1, block=256, grid=None, part=(0, 1)):
     """z, y: [B, N, D] or lists of [N_b, D] (DiT projection, frozen target); w: saliency [B, N] or list in [0, 1],
     required for or/and/xor (ignored by uniform and motion); grid: (T, H, W) or a list of them, required for
-    motion, tokens in (t, h, w) order. route: uniform | or | and | xor | motion. Returns a scalar."""
+    motion, tokens in (t, h, w) order. route: uniform | or | and | xor | motion. Returns a scalar.
+    part = (i, n): only the i-th of n equal row ranges, against all columns (sequence parallelism: the n parts sum to
+    the loss, and because W and l are symmetric each part's row gradients sum to the full gradient)."""
     if route not in ROUTES and route != 'motion':
         raise ValueError(f"unknown route '{route}'; have: {', '.join(ROUTES)}, motion")
     if route == 'motion':
@@ -100,7 +104,7 @@ def trd_loss(z, y, w=None, route='or', margin=0.1, block=256, grid=None):
     if w is None and route != 'uniform':
         raise ValueError(f"route '{route}' needs a saliency w")
     ws = [None] * len(z) if w is None else w
-    losses = [_clip_loss(zb, yb, wb, ROUTES[route], margin, block) for zb, yb, wb in zip(z, y, ws)]
+    losses = [_clip_loss(zb, yb, wb, ROUTES[route], margin, block, part) for zb, yb, wb in zip(z, y, ws)]
     return torch.stack(losses).mean()
 
 
