@@ -3,6 +3,10 @@
     python sample.py                                         # the default run out/dit -> out/dit/sample.mp4
     python sample.py --ckpt_dir=Wan2.2-TI2V-5B --model=ti2v-5b --prompt="..." [--image=first_frame.jpg]
     python sample.py --ckpt_dir=Wan2.2-T2V-A14B --model=t2v-a14b --prompt="..." --size=832*480
+    torchrun --nproc_per_node=4 sample.py --ckpt_dir=Wan2.2-T2V-A14B --model=t2v-a14b --prompt="..."
+
+Under torchrun every rank holds the models and the ranks split the video's tokens (Ulysses sequence parallelism,
+sp = the number of processes): the same video as one process, sooner. Rank 0 writes it.
 """
 import collections
 import math
@@ -10,14 +14,15 @@ import os
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from data import write_video
-from models.checkpoint import expert_folders, load_dit, load_state_dict, load_text_and_vae
+from models import parallel
+from models.checkpoint import expert_folders, load_dit, load_run_dit, load_state_dict, load_text_and_vae
 from models.settings import configure
 from models.t5 import T5Encoder, Tokenizer, configs as t5_configs, encode
 from models.unipc import UniPC
 from models.vae import load_codec
-from models.wan import WanModel
 
 out_dir = 'out/dit'            # a train_dit.py run to sample from (used when ckpt_dir is '')
 ckpt_dir = ''                  # an official Wan2.2/2.1 checkpoint folder (official or diffusers DiT layout)
@@ -100,27 +105,26 @@ def load_official(dev):
 
 
 def load_run(dev):
-    """The DiT of a train_dit.py run, with its text encoder (debug umT5 or official) and codec."""
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    if not os.path.exists(ckpt_path):
+    """The DiT of a train_dit.py run (its sharded checkpoint, consolidated), its text encoder and codec."""
+    ckpt_path = os.path.join(out_dir, 'ckpt')
+    if not os.path.isdir(ckpt_path):
         raise SystemExit(f'{ckpt_path} does not exist: train first (python train_dit.py) or point --out_dir at a run')
-    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False)
-    run = ckpt['config']
-    dit = WanModel(**ckpt['arch'])
-    load_state_dict(dit, ckpt['model'], ckpt_path)
+    dit, meta = load_run_dit(ckpt_path)
+    run = meta['config']
     if run['ckpt_dir']:
         t5, tok, codec = load_text_and_vae(run['ckpt_dir'], dit.out_dim, 'cpu' if offload else dev, dev)
     else:
         t5 = T5Encoder(**t5_configs['debug'])
-        load_state_dict(t5, ckpt['t5'], ckpt_path + ' (t5)')
+        load_state_dict(t5, meta['t5'], ckpt_path + '/meta.pt (t5)')
         t5, tok, codec = t5.to(dev).eval(), Tokenizer(os.path.join(out_dir, 'tokenizer.json')), load_codec('pixel')
-    d = dict(frames=run['frames'], fps=ckpt['fps'], size=f"{run['width']}*{run['height']}", steps=50, shift=3.0,
+    d = dict(frames=run['frames'], fps=meta['fps'], size=f"{run['width']}*{run['height']}", steps=50, shift=3.0,
              guidance=(4.0, 4.0))
     return {'single': dit.to(dev).eval()}, t5, tok, codec, d
 
 
 def main():
-    dev = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device)
+    mesh, dev = parallel.init(int(os.environ.get('WORLD_SIZE', 1)), device)
+    group = parallel.sp_group(mesh)
     if ckpt_dir and model not in OFFICIAL:
         raise SystemExit(f"unknown model '{model}'; choose one of {', '.join(OFFICIAL)}")
     if ckpt_dir and model == 'i2v-a14b' and not image:
@@ -131,6 +135,9 @@ def main():
     if ('high' in experts) != ('boundary' in d):
         raise SystemExit(f"{ckpt_dir} holds {', '.join(experts)} DiT folder(s), which does not fit model={model}")
     any_dit = next(iter(experts.values()))
+    if any_dit.num_heads % mesh['sp'].size():
+        raise SystemExit(f"{mesh['sp'].size()} torchrun processes do not divide the DiT's {any_dit.num_heads} heads: "
+                         f"run a number of processes that divides it")
     n_frames = frames or d['frames']
     w, h = (int(v) for v in (size or d['size']).split('*'))
     guide = (guidance, guidance) if guidance else d['guidance']
@@ -192,17 +199,19 @@ def main():
             if first is not None:  # per-token timesteps: 0 for the given frame's tokens
                 tt = (keep[0, 0, :, ::2, ::2] * tt).flatten()[None]
             with autocast:
-                v_cond = dit(x, tt, cond, y)
-                v_uncond = dit(x, tt, uncond, y)
+                v_cond = dit(x, tt, cond, y, group=group)
+                v_uncond = dit(x, tt, uncond, y, group=group)
             g = guide[1] if high else guide[0]
             x = sampler.step(v_uncond + g * (v_cond - v_uncond), x)
             if first is not None:
                 x = (1 - keep) * first + keep * x
         video = codec.decode(x.float()).clamp(-1, 1)
     path = out or (os.path.join(out_dir, 'sample.mp4') if not ckpt_dir else 'sample.mp4')
-    write_video(path, video[0].cpu(), d['fps'])
-    print(f'wrote {path}: {video.shape[2]} frames of {video.shape[4]}x{video.shape[3]} at {d["fps"]:g} fps; '
-          f'steps per expert: {dict(used)}')
+    if dist.get_rank() == 0:
+        write_video(path, video[0].cpu(), d['fps'])
+        print(f'wrote {path}: {video.shape[2]} frames of {video.shape[4]}x{video.shape[3]} at {d["fps"]:g} fps; '
+              f'steps per expert: {dict(used)}' + (f'; sp {group.size()}' if group else ''))
+    parallel.close()
 
 
 if __name__ == '__main__':

@@ -35,6 +35,7 @@ from PIL import Image
 from data import ClipLoader, ensure_shapes, load_clip, read_manifest, resize_crop
 from models.aligner import (Aligner, auroc, build_queries, info_nce, iou, load_encoders, mask_targets,
                             tokenize)
+from models import parallel
 from models.checkpoint import atomic_save, load_state_dict
 from models.settings import configure, save_config
 from models.t5 import encode
@@ -269,14 +270,9 @@ def saliency_task():
 
 
 def main():
-    ddp = 'WORLD_SIZE' in os.environ  # set by torchrun
-    rank, world, local = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE']),
-                          int(os.environ.get('LOCAL_RANK', 0))) if ddp else (0, 1, 0)
-    dev = pick_device(local)
-    if ddp:
-        if dev.type == 'cuda':
-            torch.cuda.set_device(dev)
-        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
+    mesh, dev = parallel.init(1, device)  # data parallel over every torchrun process (one rank for plain python)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ddp = world > 1  # DDP, gathers and reductions only where there are other ranks
     master = rank == 0
     manifest = ensure_shapes('data/shapes') if data == 'shapes' else data
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
@@ -438,9 +434,7 @@ def main():
         if master and (it % ckpt_interval == 0 or it == max_iters):
             save()
         t0 += time.time() - t_pause  # ms/iter counts training only
-    if ddp:
-        dist.barrier()
-        dist.destroy_process_group()
+    parallel.close()
     if master:
         print(f'done: {ckpt_path}')
 

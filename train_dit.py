@@ -196,7 +196,8 @@ def main():
                              f'exist: run python train_aligner.py first (or point --aligner_ckpt at a run)')
         aligner, vjepa, a_t5, a_tok, a_cfg = load_aligner(aligner_ckpt, dev)
     elif route != 'none':  # frozen V-JEPA targets (replicated: small next to the DiT; cached in real runs)
-        if vjepa_model == 'debug':
+        if vjepa_model == 'debug':  # random, from the seed alone: the same targets when a run resumes
+            torch.manual_seed(seed)
             vjepa = VJEPA(**vjepa_configs['debug']).eval().requires_grad_(False)
         elif not vjepa_ckpt:
             raise SystemExit(f'vjepa_model={vjepa_model} needs vjepa_ckpt=<its official .pt file>')
@@ -262,7 +263,8 @@ def main():
             l_flow = F.mse_loss(pred, noise - x0)  # the same on every sp rank: each takes 1/sp of it
             l_trd, w = None, None
             if feats is not None:  # project this rank's tokens, gather them: each rank its rows against all columns
-                z = parallel.seq_gather(trainable['projector'](feats), group, n_tok).unflatten(1, grid)[:, 1:]
+                z = trainable['projector'](feats.flatten(0, 1)).unflatten(0, feats.shape[:2])  # 2-D: no view for FSDP
+                z = parallel.seq_gather(z, group, n_tok).unflatten(1, grid)[:, 1:]
                 z = pool_tokens(z, trd_pool)  # latent frame 0 dropped (the causal VAE codes pixel frame 0 alone)
                 T = (grid[0] - 1, *grid[1:])
                 with torch.no_grad():
