@@ -195,15 +195,19 @@ def main():
             raise SystemExit(f'route={route} weights token pairs by the Stage 1 saliency, but {aligner_ckpt} does not '
                              f'exist: run python train_aligner.py first (or point --aligner_ckpt at a run)')
         aligner, vjepa, a_t5, a_tok, a_cfg = load_aligner(aligner_ckpt, dev)
-    elif route != 'none':  # frozen V-JEPA targets (replicated: small next to the DiT; cached in real runs)
+    elif route != 'none':  # frozen V-JEPA targets
         if vjepa_model == 'debug':  # random, from the seed alone: the same targets when a run resumes
-            torch.manual_seed(seed)
-            vjepa = VJEPA(**vjepa_configs['debug']).eval().requires_grad_(False)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                vjepa = VJEPA(**vjepa_configs['debug']).eval().requires_grad_(False)
         elif not vjepa_ckpt:
             raise SystemExit(f'vjepa_model={vjepa_model} needs vjepa_ckpt=<its official .pt file>')
         else:
-            vjepa = load_vjepa(vjepa_ckpt, vjepa_model)
-        vjepa.to(dev)
+            vjepa = load_vjepa(vjepa_ckpt, vjepa_model, dev)
+    if route != 'none':  # the frozen V-JEPA (a ViT-g is 4 GiB in fp32) and the aligner's umT5 sharded like the DiT
+        vjepa = parallel.shard(vjepa.to(dev), mesh, vjepa.blocks)
+        if aligner is not None:
+            a_t5 = parallel.shard(a_t5, mesh, a_t5.blocks)
     if route != 'none':  # a trainable projector, saved with the run and left out of the export
         if not 1 <= align_layer <= len(dit.blocks):
             raise SystemExit(f'align_layer={align_layer} is not a block of this DiT (1..{len(dit.blocks)})')
