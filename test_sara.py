@@ -1651,6 +1651,15 @@ def test_train_from_official_folder_and_export(tmp_path):
     assert not torch.equal(official['blocks.0.ffn.0.weight'], exported['blocks.0.ffn.0.weight'])
     r = run('sample.py', f'--out_dir={tmp_path}/run', '--steps=2', f'--out={tmp_path}/s.mp4')
     assert r.returncode == 0, r.stderr
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        return
+    # two ranks: each fills only its FSDP slices from the official files, or from a run folder's sharded checkpoint
+    for init, out, ref in ((root, 'e2', official), (tmp_path / 'run', 'e3', exported)):
+        r = torchrun(2, 'train_dit.py', *args[:2], f'--init_from={init}', *args[3:], '--batch_size=1',
+                     '--learning_rate=0.0', f'--out_dir={tmp_path}/{out}run', f'--export_dir={tmp_path}/{out}')
+        assert r.returncode == 0, r.stderr[-3000:]
+        again = load_dit(str(tmp_path / out), 'cpu').state_dict()
+        assert again.keys() == ref.keys() and all(torch.equal(ref[k], again[k]) for k in ref)
 
 
 def trd_losses(log):

@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 
 from data import ClipLoader, ensure_shapes
 from models import parallel
@@ -224,13 +225,15 @@ def main():
                             lr=learning_rate, betas=(0.9, 0.99), fused=dev.type == 'cuda')
     it = 0
     if run is not None:  # DCP reads each rank's slices, whatever the world size that wrote them
-        state = {'model': get_state_dict(trainable, opt)[0]} if meta is None else \
-            dict(zip(('model', 'optim'), get_state_dict(trainable, opt)))
-        if meta is None:  # another run: the DiT only
-            state['model'] = {k: v for k, v in state['model'].items() if k.startswith('dit.')}
-        dcp.load(state, checkpoint_id=run)
-        set_state_dict(trainable, opt, model_state_dict=state['model'], optim_state_dict=state.get('optim', {}),
-                       options=StateDictOptions(strict=meta is not None))
+        model_sd, optim_sd = get_state_dict(trainable, opt)
+        if meta is None:  # another run: its DiT, a fresh projector and optimizer
+            state = {'model': {k: v for k, v in model_sd.items() if k.startswith('dit.')}}
+            dcp.load(state, checkpoint_id=run)
+            set_model_state_dict(trainable, state['model'], options=StateDictOptions(strict=False))
+        else:
+            state = {'model': model_sd, 'optim': optim_sd}
+            dcp.load(state, checkpoint_id=run)
+            set_state_dict(trainable, opt, model_state_dict=state['model'], optim_state_dict=state['optim'])
     if meta is not None:
         loader.load_state_dict(meta['loader'])
         it = meta['iter']
@@ -305,6 +308,7 @@ def main():
         it += 1
         n_logged += 1
         if it % log_interval == 0 or it == max_iters:
+            sums = sums.to(dev)
             dist.all_reduce(sums)  # sums over sp of the shares, then over dp
             l_flow, l_trd = (sums / (dp * n_logged)).tolist()
             dt = (time.time() - t0) / n_logged
