@@ -38,7 +38,10 @@ guidance = 0.0                 # classifier-free guidance scale for both A14B ex
 size = ''                      # 'W*H'; '' = the model's default (image-to-video: its area, the image's aspect)
 frames = 0                     # pixel frames (1 + 4k); 0 = the model's default
 seed = 0                       # seeds the initial noise (drawn on the sampling device, as officially)
-offload = True                 # keep umT5 and the idle A14B expert on the CPU, so one GPU holds the rest
+high = ''                      # A14B: a train_dit.py run or a DiT folder replacing ckpt_dir's high-noise expert (SARA's)
+low = ''                       # A14B: the same for the low-noise expert
+t5_cpu = False                 # run umT5 on the CPU (the official --t5_cpu); by default it runs on the GPU, as officially
+offload = True                 # keep the idle A14B expert on the CPU, so one GPU holds the active one
 dtype = ''                     # DiT weights: '' = as stored (official fp32, bf16 autocast) | bfloat16 (half memory)
 device = 'auto'                # auto = cuda when available, else cpu
 
@@ -75,9 +78,10 @@ class Euler:
 def best_output_size(w, h, dw, dh, area):
     """Official TI2V rounding: the (W, H) multiple of (dw, dh) within `area` whose aspect is closest to w/h."""
     ratio = w / h
-    ow1 = int((area * ratio) ** 0.5 // dw * dw)
+    ow = (area * ratio) ** 0.5
+    ow1 = int(ow // dw * dw)
     oh1 = int(area / ow1 // dh * dh)
-    oh2 = int((area / ratio) ** 0.5 // dh * dh)
+    oh2 = int(area / ow // dh * dh)  # area / ow, not sqrt(area / ratio): they differ at exact multiples
     ow2 = int(area / oh2 // dw * dw)
     err = lambda ow, oh: max(ratio * oh / ow, ow / (oh * ratio))
     return (ow1, oh1) if err(ow1, oh1) < err(ow2, oh2) else (ow2, oh2)
@@ -95,12 +99,30 @@ def to_tensor(img):
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
 
 
+def load_expert(folder, device):
+    """A DiT folder (official or diffusers layout) or a train_dit.py run folder, in the file's dtype unless `dtype`."""
+    want = getattr(torch, dtype) if dtype else None
+    if os.path.isdir(os.path.join(folder, 'ckpt')):
+        dit = load_run_dit(os.path.join(folder, 'ckpt'))[0].to(device, want)
+    else:
+        dit = load_dit(folder, device, want)
+    return dit.eval().requires_grad_(False)
+
+
 def load_official(dev):
-    """The DiT expert(s), umT5 and VAE of an official folder, each read straight to its device in its file dtype."""
+    """The DiT expert(s), umT5 and VAE of an official folder, each read straight to its device in its file dtype;
+    `high` / `low` replace an A14B expert by a trained one (SARA trains the high-noise expert)."""
+    folders = expert_folders(ckpt_dir)
+    for name, folder in (('high', high), ('low', low)):
+        if folder and name not in folders:
+            raise SystemExit(f'--{name}={folder} replaces an A14B expert, but {ckpt_dir} holds a single DiT')
+        if folder:
+            folders[name] = folder
     store = torch.device('cpu') if offload else dev
-    experts = {k: load_dit(f, store, getattr(torch, dtype) if dtype else None).eval().requires_grad_(False)
-               for k, f in expert_folders(ckpt_dir).items()}
-    t5, tok, vae = load_text_and_vae(ckpt_dir, next(iter(experts.values())).out_dim, store, dev)
+    experts = {k: load_expert(f, store) for k, f in folders.items()}
+    if len(folders) > 1:
+        print('experts: ' + ', '.join(f'{k} {f}' for k, f in folders.items()))
+    t5, tok, vae = load_text_and_vae(ckpt_dir, next(iter(experts.values())).out_dim, 'cpu' if t5_cpu else dev, dev)
     return experts, t5, tok, vae, OFFICIAL[model]
 
 
@@ -112,7 +134,7 @@ def load_run(dev):
     dit, meta = load_run_dit(ckpt_path)
     run = meta['config']
     if run['ckpt_dir']:
-        t5, tok, codec = load_text_and_vae(run['ckpt_dir'], dit.out_dim, 'cpu' if offload else dev, dev)
+        t5, tok, codec = load_text_and_vae(run['ckpt_dir'], dit.out_dim, 'cpu' if t5_cpu else dev, dev)
     else:
         t5 = T5Encoder(**t5_configs['debug'])
         load_state_dict(t5, meta['t5'], ckpt_path + '/meta.pt (t5)')
@@ -129,6 +151,9 @@ def main():
         raise SystemExit(f"unknown model '{model}'; choose one of {', '.join(OFFICIAL)}")
     if ckpt_dir and model == 'i2v-a14b' and not image:
         raise SystemExit('i2v-a14b generates from a first frame: pass --image=<path>')
+    if image and model.startswith('t2v'):
+        raise SystemExit(f'--image is for image-to-video models (i2v-a14b, ti2v-5b); {model} is text-to-video: '
+                         f'drop --image or pick such a model')
     if solver not in ('unipc', 'euler'):
         raise SystemExit(f"unknown solver '{solver}'; choose unipc or euler")
     experts, t5, tok, codec, d = load_official(dev) if ckpt_dir else load_run(dev)
