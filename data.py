@@ -293,6 +293,22 @@ def make_shapes(root, n_train=64, n_val=8, frames=33, size=128, fps=8, seed=0):
         os.replace(os.path.join(root, name + '.tmp'), os.path.join(root, name))
     return done
 
+def toy_tokenizer(manifest, records, out_dir):
+    """The word-level tokenizer of a debug run (no official umT5), written to out_dir/tokenizer.json where sampling
+    finds it: the manifest's own tokenizer.json (the toy set ships one), else one built from its captions."""
+    from models.t5 import build_tokenizer
+    src = os.path.join(os.path.dirname(os.path.abspath(manifest)), 'tokenizer.json')
+    dst = os.path.join(out_dir, 'tokenizer.json')
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(src):
+        shutil.copyfile(src, dst)
+    else:
+        texts = [t for r in records for t in (r['caption'], r['background'], *(e['caption'] for e in r['entities'])) if t]
+        build_tokenizer(list(dict.fromkeys(texts)), dst)
+        print(f"{manifest} has no tokenizer.json beside it: built a word-level toy tokenizer from the captions of its "
+              f"{len(records)} clips into {dst} (pass --ckpt_dir to use the official umT5 and its tokenizer)")
+    return dst
+
 def ensure_shapes(root='data/shapes'):
     """Render the default toy set unless root/train.jsonl exists; returns its path. Renders into
     a private temp folder and renames it, so ranks racing here never write the same files."""

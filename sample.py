@@ -19,7 +19,7 @@ import torch.distributed as dist
 from data import write_video
 from models import parallel
 from models.checkpoint import expert_folders, load_dit, load_run_dit, load_state_dict, load_text_and_vae
-from models.settings import configure
+from models.settings import configure, run
 from models.t5 import T5Encoder, Tokenizer, configs as t5_configs, encode
 from models.unipc import UniPC
 from models.vae import load_codec
@@ -240,4 +240,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    run(main)

@@ -1594,10 +1594,10 @@ def test_pair_budget_soft_weights_against_brute_force():
 def fake_official(root, model_type, in_dim, vae, experts):
     """An official checkpoint folder at tiny sizes: DiT folder(s), umT5 .pth, VAE .pth, google/umt5-xxl tokenizer."""
     torch.manual_seed(0)
-    for folder in experts:  # first: export_dit refuses folders that hold other files
+    for i, folder in enumerate(experts):  # first: export_dit refuses folders that hold other files
         dit = WanModel(model_type=model_type, in_dim=in_dim, out_dim=vae.z_dim, dim=128, ffn_dim=64, num_heads=1,
                        num_layers=2, text_dim=64)
-        export_dit(randomise_dit(dit), str(root / folder))
+        export_dit(randomise_dit(dit, seed=i), str(root / folder))  # experts that differ
     os.makedirs(root / 'google' / 'umt5-xxl')
     build_tokenizer(['a red circle moves right', 'a blue square'], root / 'google' / 'umt5-xxl' / 'tokenizer.json')
     torch.save(T5Encoder(**t5_configs['debug']).init_weights(0).state_dict(), root / 'models_t5_umt5-xxl-enc-bf16.pth')
@@ -1629,6 +1629,43 @@ def test_sample_official_folders(tmp_path, model, frames):
     if model != 'ti2v-5b':
         high = expert_split(UniPC(8, 12.0 if model == 't2v-a14b' else 5.0).timesteps, 0.875 if model == 't2v-a14b' else 0.9)
         assert f"steps per expert: {{'high': {high}, 'low': {8 - high}}}" in r.stdout
+
+
+def test_sample_replaces_an_a14b_expert_by_a_run_or_a_folder(tmp_path):
+    import decord
+    vae = WanVAE(z_dim=4, dim=8, num_res_blocks=1)
+    root = fake_official(tmp_path / 'ckpt', 't2v', 4, vae, ['high_noise_model', 'low_noise_model'])
+    make_shapes(tmp_path / 'data', n_train=2, n_val=1, frames=9, size=32, fps=8, seed=0)
+    # SARA's setting: a run continued from the high-noise expert (here with lr 0: the official weights again)
+    r = run('train_dit.py', f'--data={tmp_path}/data/train.jsonl', f'--ckpt_dir={root}', '--frames=5', '--height=32',
+            f'--init_from={root}/high_noise_model', '--width=32', '--batch_size=2', '--max_iters=1',
+            '--learning_rate=0.0', f'--out_dir={tmp_path}/run')
+    assert r.returncode == 0, r.stderr
+
+    def sample(name, *extra):
+        r = run('sample.py', f'--ckpt_dir={root}', '--model=t2v-a14b', '--frames=5', '--steps=8', '--size=64*32',
+                f'--out={tmp_path}/{name}.mp4', *extra)
+        assert r.returncode == 0, r.stderr
+        return decord.VideoReader(str(tmp_path / f'{name}.mp4')).get_batch(range(5)).asnumpy(), r.stdout
+
+    base, _ = sample('base')
+    same, log = sample('run', f'--high={tmp_path}/run')
+    assert f'high {tmp_path}/run, low {root}/low_noise_model' in log and np.array_equal(base, same)
+    # the replacement acts at the high-noise steps only: the low-noise weights there change the video
+    swapped, _ = sample('swapped', f'--high={root}/low_noise_model')
+    assert not np.array_equal(base, swapped)
+    also, _ = sample('low', f'--low={root}/low_noise_model')
+    assert np.array_equal(base, also)
+    r = run('sample.py', f'--ckpt_dir={root}', '--model=t2v-a14b', '--image=x.png')
+    assert r.returncode != 0 and 'is text-to-video: drop --image' in r.stderr
+
+
+def test_ti2v_output_size_is_the_official_one(monkeypatch):
+    monkeypatch.setattr(sys, 'argv', ['sample.py'])  # importing the script reads its settings from the arguments
+    from sample import best_output_size
+    assert best_output_size(176, 405, 32, 32, 1280 * 704) == (640, 1408)  # sqrt(area / ratio) would give 608x1440
+    assert best_output_size(220, 625, 32, 32, 1280 * 704) == (544, 1568)
+    assert best_output_size(1280, 704, 32, 32, 1280 * 704) == (1280, 704)
 
 
 def test_train_from_official_folder_and_export(tmp_path):
@@ -1984,6 +2021,75 @@ def test_sara_or_route_trains_on_the_aligner_saliency(trained, tiny, tmp_path):
     assert len(budget) == 20 and all(0 < float(s) < 1 and abs(sum(map(int, p)) - 100) <= 2 for s, *p in budget)
     r = run('train_dit.py', *args, '--route=and', f'--aligner_ckpt={tmp_path}/none.pt')
     assert r.returncode != 0 and 'run python train_aligner.py first' in r.stderr
+    # one frozen V-JEPA for every route: uniform takes the aligner's too, and a different one is refused
+    r = run('train_dit.py', *args, '--route=uniform', '--max_iters=1', f'--aligner_ckpt={root}/a/ckpt.pt')
+    assert r.returncode == 0 and f'TRD targets: the frozen V-JEPA (debug) of {root}/a/ckpt.pt' in r.stdout, r.stderr
+    r = run('train_dit.py', *args, '--route=uniform', '--vjepa_model=vjepa2-vitl', '--vjepa_ckpt=v.pt',
+            f'--aligner_ckpt={root}/a/ckpt.pt')
+    one_line_error(r, "differ from the V-JEPA of")
+
+
+# ---------------------------------------------------------------------------------------------- bad input, checkpoints
+
+def one_line_error(r, phrase):
+    """A user error: non-zero exit, exactly one line on stderr, no traceback, containing phrase."""
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and phrase in lines[0] and 'Traceback' not in r.stderr, r.stderr[-2000:]
+
+
+def test_bad_sizes_and_damaged_checkpoints_end_in_one_line(tiny_run, tmp_path):
+    root, args, _ = tiny_run
+    data = args[0]
+    one_line_error(run('train_dit.py', data, '--height=30', f'--out_dir={tmp_path}/x'),
+                   '--height=30 is not a multiple of 4 (2 px per latent x 2 latents per DiT token): use 28 or 32')
+    one_line_error(run('train_dit.py', data, '--frames=8', f'--out_dir={tmp_path}/x'), '--frames=8: clips need 1 + 4k')
+    one_line_error(run('train_dit.py', data, '--route=uniform', '--frames=1', "--aligner_ckpt=", f'--out_dir={tmp_path}/x'),
+                   'k >= 1 for TRD')
+    one_line_error(run('train_dit.py', data, '--route=uniform', '--trd_pool=3', "--aligner_ckpt=",
+                       f'--out_dir={tmp_path}/x'), '--trd_pool=3 does not divide the 8x8 token grid')
+    one_line_error(run('sample.py', f'--ckpt_dir={tmp_path}/nowhere'), f'{tmp_path}/nowhere holds no DiT')
+    # a damaged checkpoint: its meta.pt, then one of its shard files
+    shutil.copytree(root / 'a', tmp_path / 'a', symlinks=True)
+    ckpt = tmp_path / 'a' / 'ckpt'
+    meta = (ckpt / 'meta.pt').read_bytes()
+    (ckpt / 'meta.pt').write_bytes(meta[:len(meta) // 2])
+    resume = ['train_dit.py', *args, '--init_from=resume', '--max_iters=70', f'--out_dir={tmp_path}/a']
+    one_line_error(run(*resume), f'{ckpt}/meta.pt cannot be read')
+    (ckpt / 'meta.pt').write_bytes(meta)
+    shard = next(p for p in ckpt.iterdir() if p.suffix == '.distcp')
+    shard.write_bytes(shard.read_bytes()[:100])
+    one_line_error(run(*resume), f'{ckpt} cannot be read')
+    one_line_error(run('sample.py', f'--out_dir={tmp_path}/a'), f'{ckpt} cannot be read')
+
+
+def test_step_checkpoints_keep_last_and_resume_a_chosen_one(tiny_run, tmp_path):
+    root, args, _ = tiny_run
+    r = run('train_dit.py', *args, '--max_iters=4', '--ckpt_interval=1', '--keep_last=2', f'--out_dir={tmp_path}/r')
+    assert r.returncode == 0, r.stderr
+    os.makedirs(tmp_path / 'r' / 'ckpt-000009.tmp')  # what a save killed half-way leaves: never picked
+    assert sorted(os.listdir(tmp_path / 'r')) == ['ckpt', 'ckpt-000003', 'ckpt-000004', 'ckpt-000009.tmp',
+                                                  'config.json', 'tokenizer.json']
+    assert os.readlink(tmp_path / 'r' / 'ckpt') == 'ckpt-000004'
+    again = run('train_dit.py', *args, '--max_iters=4', '--init_from=resume', '--resume_ckpt=ckpt-000003',
+                f'--out_dir={tmp_path}/r')
+    assert again.returncode == 0, again.stderr
+    assert losses(again.stdout) == {4: losses(r.stdout)[4]}  # the chosen checkpoint continues the same curve
+    newest = run('train_dit.py', *args, '--max_iters=5', '--init_from=resume', f'--out_dir={tmp_path}/r')
+    assert newest.returncode == 0 and sorted(losses(newest.stdout)) == [5], newest.stderr
+    one_line_error(run('train_dit.py', *args, '--init_from=resume', '--resume_ckpt=ckpt-000001',
+                       f'--out_dir={tmp_path}/r'), 'checkpoints of')
+
+
+def test_a_manifest_without_tokenizer_gets_a_toy_one(tiny_run, tmp_path):
+    root, args, _ = tiny_run
+    shutil.copytree(root / 'data', tmp_path / 'mine')
+    os.remove(tmp_path / 'mine' / 'tokenizer.json')
+    r = run('train_dit.py', f'--data={tmp_path}/mine/train.jsonl', *args[1:], '--max_iters=1', f'--out_dir={tmp_path}/o')
+    assert r.returncode == 0, r.stderr
+    assert 'has no tokenizer.json beside it: built a word-level toy tokenizer from the captions of its 8 clips' in r.stdout
+    caption = json.loads((tmp_path / 'mine' / 'train.jsonl').read_text().splitlines()[0])['caption']
+    ids, _ = Tokenizer(str(tmp_path / 'o' / 'tokenizer.json'))([caption], 64)
+    assert (ids > 2).sum() == len(caption.split())  # every word of the captions is known (2 = <unk>)
 
 
 # ---------------------------------------------------------------------------------------------- multi-process (torchrun, gloo)

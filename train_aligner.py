@@ -23,7 +23,6 @@ caption) against a baseline that predicts each token's mean target over the trai
 import json
 import math
 import os
-import shutil
 import time
 
 import numpy as np
@@ -32,12 +31,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from data import ClipLoader, ensure_shapes, load_clip, read_manifest, resize_crop
-from models.aligner import (Aligner, auroc, build_queries, info_nce, iou, load_encoders, mask_targets,
+from data import ClipLoader, ensure_shapes, load_clip, read_manifest, resize_crop, toy_tokenizer
+from models.aligner import (Aligner, auroc, build_queries, info_nce, iou, load_encoders, load_run, mask_targets,
                             tokenize)
 from models import parallel
 from models.checkpoint import atomic_save, load_state_dict
-from models.settings import configure, save_config
+from models.settings import configure, run, save_config
 from models.t5 import encode
 from models.vjepa import preprocess
 
@@ -239,7 +238,7 @@ def lr_at(it):
 def load_ckpt(path, what):
     if not os.path.exists(path):
         raise SystemExit(f'{what}: {path} does not exist (train with init_from=scratch first)')
-    return torch.load(path, map_location='cpu', weights_only=False)
+    return load_run(path)
 
 
 def saliency_task():
@@ -279,17 +278,20 @@ def main():
     ckpt = load_ckpt(ckpt_path, 'init_from=resume') if init_from == 'resume' else None
     if init_from not in ('scratch', 'resume'):
         raise SystemExit(f"init_from='{init_from}': choose scratch or resume")
-    tok_path = os.path.join(os.path.dirname(manifest), 'tokenizer.json')
-    vjepa, t5, tok = load_encoders(cfg, dev, tok_path, ckpt)
-    try:
-        grid = vjepa.token_grid(frames, height, width)
-    except ValueError as err:
-        raise SystemExit(f'--frames={frames} --height={height} --width={width}: {err}')
     try:
         loader = ClipLoader(manifest, batch_size, frames, height, width, stride=frame_stride, rank=rank,
                             world_size=world, seed=seed, skip_bad=skip_bad, num_workers=num_workers)
     except ValueError as err:
         raise SystemExit(str(err))
+    tok_path = os.path.join(out_dir, 'tokenizer.json')  # task=saliency and Stage 2 read it from the run
+    if master and not ckpt_dir:
+        toy_tokenizer(manifest, loader.records, out_dir)
+    dist.barrier()
+    vjepa, t5, tok = load_encoders(cfg, dev, tok_path, ckpt)
+    try:
+        grid = vjepa.token_grid(frames, height, width)
+    except ValueError as err:
+        raise SystemExit(f'--frames={frames} --height={height} --width={width}: {err}')
     has = ['text_embedding' in r for r in loader.records]
     if any(has) and not all(has):
         r = loader.records[has.index(False)]
@@ -325,8 +327,6 @@ def main():
     val, base = None, None
     if master:
         save_config(cfg, out_dir)
-        if not ckpt_dir:
-            shutil.copyfile(tok_path, os.path.join(out_dir, 'tokenizer.json'))  # task=saliency reads it from here
         if os.path.exists(val_path):
             try:
                 val = read_manifest(val_path, skip_bad)
@@ -441,8 +441,8 @@ def main():
 
 if __name__ == '__main__':
     if task == 'saliency':
-        saliency_task()
+        run(saliency_task)
     elif task == 'train':
-        main()
+        run(main)
     else:
         raise SystemExit(f"task='{task}': choose train or saliency")

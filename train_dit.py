@@ -24,22 +24,21 @@ import decord
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
-from data import ClipLoader, ensure_shapes
+from data import ClipLoader, ensure_shapes, toy_tokenizer
 from models import parallel
 from models.aligner import load_aligner
-from models.checkpoint import dit_kwargs, export_dit, load_dit, run_meta, save_sharded, load_text_and_vae
-from models.settings import configure, save_config
+from models.checkpoint import dit_kwargs, export_dit, load_dit, load_text_and_vae, read_sharded, run_meta, save_sharded
+from models.settings import configure, run, save_config
 from models.t5 import T5Encoder, Tokenizer, configs as t5_configs, encode
 from models.trd import pair_budget, trd_loss
 from models.vae import load_codec
 from models.vjepa import VJEPA, configs as vjepa_configs, load_vjepa, preprocess
 from models.wan import WanModel, configs as wan_configs
 
-out_dir = 'out/dit'            # run folder: config.json, ckpt/ (sharded checkpoint), tokenizer.json
+out_dir = 'out/dit'            # run folder: config.json, ckpt-<iter>/ (sharded checkpoints), tokenizer.json
 data = 'shapes'                # a manifest .jsonl, or 'shapes': the built-in toy set, rendered into data/shapes if absent
 model = 'debug'                # DiT config, a key of models/wan.py configs
 ckpt_dir = ''                  # official Wan2.2 folder for umT5, tokenizer and VAE; '' = debug umT5, toy tokenizer, pixel
@@ -61,19 +60,22 @@ grad_clip = 1.0                # clip the gradient norm to this (0 = off)
 t_range = (0.0, 1.0)           # sigma range after the shift, e.g. (0.875, 1.0) for the high-noise A14B expert
 shift = 1.0                    # sigma = shift*u / (1 + (shift-1)*u) for u uniform in the range
 caption_dropout = 0.1          # share of empty captions, so that classifier-free guidance works
-route = 'none'                 # TRD routing: none (SFT) | uniform (VideoREPA) | motion | or (SARA) | and | xor
-aligner_ckpt = 'out/aligner/ckpt.pt'  # Stage 1 run for routes or/and/xor; its V-JEPA is used for the targets too
+route = 'none'                 # TRD routing: none (SFT) | uniform (VideoREPA) | motion (ours: motion-weighted) | or (SARA) | and | xor
+aligner_ckpt = 'out/aligner/ckpt.pt'  # Stage 1 run: its saliency for or/and/xor and, when it exists, its V-JEPA
+                                      # gives every route's targets ('' = none: uniform/motion use vjepa_model)
 trd_weight = 0.5               # L = L_flow + trd_weight * L_TRD
 trd_margin = 0.1               # l_ij = relu(|cos(z_i,z_j) - cos(y_i,y_j)| - margin)
 align_layer = 2                # DiT tokens after this block (1-indexed) are projected and aligned
 proj_dim = 2048                # hidden width of the projector MLP dim -> proj_dim -> proj_dim -> D_vjepa
 trd_pool = 1                   # average-pool both sides spatially by this factor (after the projector) to cut N x N
 trd_block = 256                # TRD row-block size: memory O(N x block), under N*N/8 floats at N = 16k
-vjepa_model = 'debug'          # V-JEPA variant of models/vjepa.py configs for routes uniform/motion ('debug' = random)
+vjepa_model = 'debug'          # V-JEPA variant (models/vjepa.py configs) when there is no aligner run ('debug' = random)
 vjepa_ckpt = ''                # official V-JEPA .pt file ('' only for vjepa_model=debug)
 log_interval = 25              # iterations between log lines (the loss is their mean over iterations and ranks)
-ckpt_interval = 200            # iterations between checkpoints (one is always written at the end)
+ckpt_interval = 200            # iterations between checkpoints out_dir/ckpt-<iter> (one is always written at the end)
+keep_last = 2                  # checkpoints kept; out_dir/ckpt links to the newest complete one
 init_from = 'scratch'          # scratch | resume (out_dir/ckpt) | a run folder | an official or diffusers DiT folder
+resume_ckpt = ''               # with init_from=resume: a checkpoint of out_dir to resume instead (e.g. ckpt-000200)
 export_dir = ''                # at the end, also write the DiT here as an official folder (safetensors + config.json)
 skip_bad = False               # skip unreadable clips (counted and reported) instead of stopping
 num_workers = 0                # data loader worker processes
@@ -108,6 +110,27 @@ def pool_tokens(x, pool):
     return x.flatten(1, 3)
 
 
+def check_sizes(codec, patch):
+    """The clip size settings against the codec's and the DiT's grids, in one sentence, before the DiT is loaded."""
+    t, s = codec.stride[0], codec.stride[1] * patch[1]
+    if frames < 1 + t * (route != 'none') or (frames - 1) % t:  # TRD drops latent frame 0: it needs one more
+        raise SystemExit(f'--frames={frames}: clips need 1 + {t}k frames for this codec' +
+                         (f', k >= 1 for TRD' if route != 'none' else '') + f' (e.g. {1 + t * max(1, (frames - 1) // t)})')
+    for name, v in (('height', height), ('width', width)):
+        if v % s or v == 0:
+            raise SystemExit(f"--{name}={v} is not a multiple of {s} ({codec.stride[1]} px per latent x {patch[1]} "
+                             f"latents per DiT token): use {max(s, v // s * s)} or {(v // s + 1) * s}")
+    if route != 'none' and (height // s % trd_pool or width // s % trd_pool):
+        raise SystemExit(f'--trd_pool={trd_pool} does not divide the {height // s}x{width // s} token grid of '
+                         f'{height}x{width} clips')
+
+
+def run_checkpoints(folder):
+    """The complete step checkpoints of a run folder, oldest first (an interrupted save is only ever a .tmp)."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(n for n in names if n.startswith('ckpt-') and n[5:].isdigit())
+
+
 def clip_generator(dev, slot):
     """The random stream of one clip, a function of the seed and its slot (epoch, position in the epoch's order)
     only: the same numbers at any layout of the global batch, and nothing to save for an exact resume."""
@@ -124,9 +147,12 @@ def main():
     ckpt_path = os.path.join(out_dir, 'ckpt')
     meta, run = None, None  # the checkpoint we resume, or the run whose weights we start from
     if init_from == 'resume':
-        if not os.path.isdir(ckpt_path):
-            raise SystemExit(f'init_from=resume: {ckpt_path} does not exist (train with init_from=scratch first)')
-        meta, run = run_meta(ckpt_path), ckpt_path
+        run = os.path.join(out_dir, resume_ckpt or 'ckpt')
+        if not os.path.isdir(run):
+            raise SystemExit(f'init_from=resume: {run} does not exist (train with init_from=scratch first' +
+                             (f'; checkpoints of {out_dir}: {", ".join(run_checkpoints(out_dir)) or "none"})'
+                              if resume_ckpt else ')'))
+        meta = run_meta(run)
         arch = meta['arch']
     elif os.path.isdir(os.path.join(init_from, 'ckpt')):  # another run: its weights, a fresh optimizer
         run = os.path.join(init_from, 'ckpt')
@@ -159,6 +185,24 @@ def main():
               f'grad_accum {grad_accum}', flush=True)
     torch.manual_seed(seed)
 
+    if ckpt_dir:  # the official frozen umT5 (sharded like the DiT: 10.6 GiB in bf16 unsharded), tokenizer and VAE
+        t5, tok, codec = load_text_and_vae(ckpt_dir, arch['out_dim'], dev, dev, lambda m: parallel.shard(m, mesh, m.blocks))
+    else:  # a frozen random debug umT5 made from the seed, saved with the run, and a word-level tokenizer
+        t5 = T5Encoder(**t5_configs['debug']).eval().requires_grad_(False)
+        t5.init_weights(seed)
+        if meta is not None:
+            t5.load_state_dict(meta['t5'])
+        t5.to(dev)
+        codec = load_codec('pixel')
+        if master:  # sample.py reads it from the run
+            toy_tokenizer(manifest, loader.records, out_dir)
+        dist.barrier()
+        tok = Tokenizer(os.path.join(out_dir, 'tokenizer.json'))
+    if codec.z_dim != arch['in_dim']:
+        raise SystemExit(f"the codec gives {codec.z_dim} latent channels but the DiT takes {arch['in_dim']} "
+                         f"(image-conditioned DiTs are not trained here)")
+    check_sizes(codec, arch.get('patch_size', (1, 2, 2)))
+
     # the DiT: FSDP-sharded before it holds any weights, filled shard by shard (no rank holds a full fp32 copy)
     shard_dit = lambda m: parallel.shard(m, mesh, m.blocks)
     if run is None and init_from != 'scratch':
@@ -172,30 +216,22 @@ def main():
             dit = shard_dit(WanModel(**arch))
         dit.to_empty(device=dev)
     dit.train().checkpointing = checkpointing == 'on' or (checkpointing == 'auto' and dev.type == 'cuda')
-    if ckpt_dir:  # the official frozen umT5 (sharded like the DiT: 10.6 GiB in bf16 unsharded), tokenizer and VAE
-        t5, tok, codec = load_text_and_vae(ckpt_dir, dit.out_dim, dev, dev, lambda m: parallel.shard(m, mesh, m.blocks))
-    else:  # a frozen random debug umT5 made from the seed, saved with the run
-        t5 = T5Encoder(**t5_configs['debug']).eval().requires_grad_(False)
-        t5.init_weights(seed)
-        if meta is not None:
-            t5.load_state_dict(meta['t5'])
-        t5.to(dev)
-        codec = load_codec('pixel')
-        tok_path = os.path.join(os.path.dirname(manifest), 'tokenizer.json')
-        tok = Tokenizer(tok_path)
-        if master:
-            shutil.copyfile(tok_path, os.path.join(out_dir, 'tokenizer.json'))  # sample.py reads it from the run
-    if codec.z_dim != dit.patch_embedding.in_channels:
-        raise SystemExit(f'the codec gives {codec.z_dim} latent channels but the DiT takes '
-                         f'{dit.patch_embedding.in_channels} (image-conditioned DiTs are not trained here)')
-
     vjepa = aligner = None
     trainable = torch.nn.ModuleDict({'dit': dit})  # one state dict and one optimizer for the DiT and the projector
-    if route in ('or', 'and', 'xor'):  # the frozen Stage 1 aligner, with the V-JEPA and umT5 it was trained with
-        if not os.path.exists(aligner_ckpt):
-            raise SystemExit(f'route={route} weights token pairs by the Stage 1 saliency, but {aligner_ckpt} does not '
-                             f'exist: run python train_aligner.py first (or point --aligner_ckpt at a run)')
-        aligner, vjepa, a_t5, a_tok, a_cfg = load_aligner(aligner_ckpt, dev)
+    if route in ('or', 'and', 'xor') and not os.path.exists(aligner_ckpt):
+        raise SystemExit(f'route={route} weights token pairs by the Stage 1 saliency, but {aligner_ckpt or "no"} '
+                         f'aligner_ckpt exists: run python train_aligner.py first (or point --aligner_ckpt at a run)')
+    if route != 'none' and os.path.exists(aligner_ckpt):  # one frozen V-JEPA for every route: the aligner's
+        aligner, vjepa, a_t5, a_tok, a_cfg = load_aligner(aligner_ckpt, dev, text=route in ('or', 'and', 'xor'))
+        theirs = (a_cfg['vjepa_model'], a_cfg['vjepa_ckpt'])
+        if (vjepa_model, vjepa_ckpt) not in (('debug', ''), theirs):
+            raise SystemExit(f'vjepa_model={vjepa_model} vjepa_ckpt={vjepa_ckpt!r} differ from the V-JEPA of '
+                             f'{aligner_ckpt} ({theirs[0]}, {theirs[1]!r}): every route takes its targets from the '
+                             f"aligner's encoder; drop them, or pass --aligner_ckpt='' to use them without an aligner")
+        if master:
+            print(f'TRD targets: the frozen V-JEPA ({theirs[0]}) of {aligner_ckpt}', flush=True)
+        if route not in ('or', 'and', 'xor'):
+            aligner = None
     elif route != 'none':  # frozen V-JEPA targets
         if vjepa_model == 'debug':  # random, from the seed alone: the same targets when a run resumes
             with torch.random.fork_rng(devices=[]):
@@ -228,11 +264,11 @@ def main():
         model_sd, optim_sd = get_state_dict(trainable, opt)
         if meta is None:  # another run: its DiT, a fresh projector and optimizer
             state = {'model': {k: v for k, v in model_sd.items() if k.startswith('dit.')}}
-            dcp.load(state, checkpoint_id=run)
+            read_sharded(state, run)
             set_model_state_dict(trainable, state['model'], options=StateDictOptions(strict=False))
         else:
             state = {'model': model_sd, 'optim': optim_sd}
-            dcp.load(state, checkpoint_id=run)
+            read_sharded(state, run)
             set_state_dict(trainable, opt, model_state_dict=state['model'], optim_state_dict=state['optim'])
     if meta is not None:
         loader.load_state_dict(meta['loader'])
@@ -243,10 +279,19 @@ def main():
     peak = next((v for k, v in PEAK_TFLOPS.items() if dev.type == 'cuda' and k in torch.cuda.get_device_name(dev)), 0)
 
     def save():
+        """out_dir/ckpt-<iter>, then out_dir/ckpt re-pointed at it, then all but the newest keep_last removed."""
         model_sd, optim_sd = get_state_dict(trainable, opt)
-        save_sharded(ckpt_path, {'model': model_sd, 'optim': optim_sd},
+        name = f'ckpt-{it:06d}'
+        save_sharded(os.path.join(out_dir, name), {'model': model_sd, 'optim': optim_sd},
                      {'iter': it, 'loader': loader.state_dict(), 'global_batch': global_batch, 'config': cfg,
                       'arch': arch, 'fps': fps, 'world': world, **({} if ckpt_dir else {'t5': t5.state_dict()})})
+        if master:
+            os.symlink(name, ckpt_path + '.link')
+            os.replace(ckpt_path + '.link', ckpt_path)  # atomic: ckpt is always a whole checkpoint
+            for old in run_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
+                if old != name:
+                    shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
+        dist.barrier()
 
     def step(batch):
         """One micro-batch: returns (this rank's loss share, L_flow, this rank's share of L_TRD, tokens, saliency)."""
@@ -342,4 +387,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    run(main)

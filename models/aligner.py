@@ -191,9 +191,9 @@ def auroc(scores, labels):
 
 # ---------------------------------------------------------------------------------------------- loading
 
-def load_encoders(c, dev, tok_path, saved=None):
+def load_encoders(c, dev, tok_path, saved=None, text=True):
     """Frozen V-JEPA, umT5 and tokenizer as the settings c say; the random debug ones come from c['seed'], or from
-    a checkpoint's copies (`saved`)."""
+    a checkpoint's copies (`saved`). text=False: the V-JEPA alone (umT5 and tokenizer None)."""
     if c['vjepa_model'] not in vjepa_configs:
         raise SystemExit(f"unknown vjepa_model '{c['vjepa_model']}'; choose one of {', '.join(vjepa_configs)}")
     if c['vjepa_ckpt']:
@@ -205,6 +205,8 @@ def load_encoders(c, dev, tok_path, saved=None):
         if saved is not None and 'vjepa' in saved:
             load_state_dict(vjepa, saved['vjepa'], "the checkpoint's V-JEPA")
         vjepa = vjepa.to(dev).eval().requires_grad_(False)
+    if not text:
+        return vjepa, None, None
     if c['ckpt_dir']:
         t5 = load_t5(os.path.join(c['ckpt_dir'], 'models_t5_umt5-xxl-enc-bf16.pth'), dev)
         tok = Tokenizer(os.path.join(c['ckpt_dir'], 'google', 'umt5-xxl'))
@@ -218,11 +220,21 @@ def load_encoders(c, dev, tok_path, saved=None):
     return vjepa, t5, tok
 
 
-def load_aligner(path, dev):
+def load_run(path):
+    """A train_aligner.py checkpoint (ckpt.pt), or one sentence saying it cannot be read."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as err:  # a truncated or damaged file fails deep inside the unpickler
+        raise SystemExit(f'{path} cannot be read ({type(err).__name__}: {err}); it was not written completely or is '
+                         f'damaged: train the aligner again (python train_aligner.py) or point at another run') from None
+
+
+def load_aligner(path, dev, text=True):
     """A train_aligner.py run, frozen: (aligner, V-JEPA, umT5, tokenizer, its settings), the encoders being the ones
-    it was trained with."""
-    ckpt = torch.load(path, map_location='cpu', weights_only=False)
-    vjepa, t5, tok = load_encoders(ckpt['config'], dev, os.path.join(os.path.dirname(path), 'tokenizer.json'), ckpt)
+    it was trained with (text=False: without umT5 and tokenizer)."""
+    ckpt = load_run(path)
+    vjepa, t5, tok = load_encoders(ckpt['config'], dev, os.path.join(os.path.dirname(path), 'tokenizer.json'), ckpt,
+                                   text)
     aligner = Aligner(**ckpt['arch'])
     load_state_dict(aligner, ckpt['aligner'], path)
     return aligner.to(dev).eval().requires_grad_(False), vjepa, t5, tok, ckpt['config']

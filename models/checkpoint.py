@@ -11,6 +11,7 @@ import shutil
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -377,13 +378,29 @@ def save_sharded(folder, state, meta):
     dist.barrier()
 
 
+UNREADABLE = ('it was not written completely or is damaged: resume from another checkpoint of the run '
+              '(--resume_ckpt=ckpt-<iter>) or train again')
+
+
 def run_meta(folder):
-    """meta.pt of a run's checkpoint folder (out_dir/ckpt), or one sentence saying what is missing."""
+    """meta.pt of a run's checkpoint folder (out_dir/ckpt), or one sentence saying what is wrong."""
     path = os.path.join(folder, 'meta.pt')
     if not os.path.exists(path):
         raise SystemExit(f'{folder} is not a finished checkpoint (no meta.pt): train first (python train_dit.py) or '
                          f'point at a run folder')
-    return torch.load(path, map_location='cpu', weights_only=False)
+    try:
+        return torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as err:  # a truncated or damaged file fails deep inside the unpickler
+        raise SystemExit(f'{path} cannot be read ({type(err).__name__}: {err}); {UNREADABLE}') from None
+
+
+def read_sharded(state, folder):
+    """dcp.load into state (each rank its slices), or one sentence naming the checkpoint that cannot be read."""
+    try:
+        dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as err:  # DCP wraps reader failures (not in Exception): name the folder
+        raise SystemExit(f'{folder} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]}); '
+                         f'{UNREADABLE}') from None
 
 
 def load_run_dit(folder, device='cpu'):
@@ -391,5 +408,5 @@ def load_run_dit(folder, device='cpu'):
     meta = run_meta(folder)
     dit = WanModel(**meta['arch'])
     sd = {f'dit.{k}': v for k, v in dit.state_dict().items()}
-    dcp.load({'model': sd}, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    read_sharded({'model': sd}, folder)
     return dit.to(device), meta

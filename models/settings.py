@@ -94,3 +94,12 @@ def save_config(cfg, out_dir):
     with open(tmp, 'w') as f:
         json.dump(cfg, f, indent=2)
     os.replace(tmp, os.path.join(out_dir, 'config.json'))
+
+
+def run(main):
+    """main(), with the loaders' bad-input errors (ValueError, FileNotFoundError: one sentence naming the file, line
+    or key) ending the program as that sentence on stderr and exit status 1, not a traceback."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f'error: {err}') from None

@@ -13,7 +13,8 @@ Decisions where the papers are silent:
   (excluding it would subtract Q = sum w_i^2 terms; we don't).
 - A batch is the mean over clips of per-clip ratios (VideoREPA averages per sample too): every clip counts the
   same however much of it is salient. A clip with sum W = 0 (e.g. OR with all w = 0) contributes 0.
-- `motion` (MoAlign-style baseline, whose pair weighting is unpublished): w = per-token temporal change of the
+- `motion`, a motion-weighted TRD of our own (MoAlign's motion subspace is not public, so this is not MoAlign):
+  w = per-token temporal change of the
   target, 1 - cos(y[t], y[t-1]) at the same (h, w), frame 0 copying frame 1, min-max scaled per clip, routed
   by OR. A clip with no motion range (e.g. one frame) gets w = 1, i.e. uniform TRD.
 """
