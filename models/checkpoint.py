@@ -399,8 +399,10 @@ def read_sharded(state, folder):
     try:
         dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
     except (Exception, CheckpointException) as err:  # DCP wraps reader failures (not in Exception): name the folder
-        raise SystemExit(f'{folder} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]}); '
-                         f'{UNREADABLE}') from None
+        if isinstance(err, CheckpointException):  # the first rank's own failure says more
+            err = next(iter(err.failures.values()))[0]  # (exception, traceback) pairs by rank
+        why = f'{type(err).__name__}: {err}'.splitlines()[0][:200]
+        raise SystemExit(f'{folder} cannot be read ({why}); {UNREADABLE}') from None
 
 
 def load_run_dit(folder, device='cpu'):
