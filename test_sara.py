@@ -2080,6 +2080,18 @@ def test_step_checkpoints_keep_last_and_resume_a_chosen_one(tiny_run, tmp_path):
                        f'--out_dir={tmp_path}/r'), 'checkpoints of')
 
 
+def test_a_damaged_aligner_checkpoint_ends_in_one_line(trained, tiny, tmp_path):
+    root, args, _ = trained
+    shutil.copytree(root / 'a', tmp_path / 'a')
+    blob = (tmp_path / 'a' / 'ckpt.pt').read_bytes()
+    (tmp_path / 'a' / 'ckpt.pt').write_bytes(blob[:len(blob) // 3])
+    one_line_error(run('train_aligner.py', *args, '--init_from=resume', '--max_iters=8', f'--out_dir={tmp_path}/a'),
+                   f'{tmp_path}/a/ckpt.pt cannot be read')
+    one_line_error(run('train_dit.py', f'--data={tiny}/train.jsonl', '--frames=9', '--height=16', '--width=16',
+                       '--route=or', f'--aligner_ckpt={tmp_path}/a/ckpt.pt', f'--out_dir={tmp_path}/d'),
+                   f'{tmp_path}/a/ckpt.pt cannot be read')
+
+
 def test_a_manifest_without_tokenizer_gets_a_toy_one(tiny_run, tmp_path):
     root, args, _ = tiny_run
     shutil.copytree(root / 'data', tmp_path / 'mine')

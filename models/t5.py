@@ -58,11 +58,17 @@ class T5Attention(nn.Module):
         y = (att @ v).transpose(1, 2).reshape(B, L, -1)
         return self.o(y)
 
+class GELU(nn.Module):
+    """Tanh GELU in elementary ops, as the official Wan T5: in bf16 every intermediate is rounded,
+    so nn.GELU(approximate='tanh') (one fused op) differs in about 40% of the outputs."""
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
 class T5FeedForward(nn.Module):
     """Gated GELU. `gate` is a Sequential so its checkpoint key is `gate.0.weight`."""
     def __init__(self, dim, dim_ffn):
         super().__init__()
-        self.gate = nn.Sequential(nn.Linear(dim, dim_ffn, bias=False), nn.GELU(approximate='tanh'))
+        self.gate = nn.Sequential(nn.Linear(dim, dim_ffn, bias=False), GELU())
         self.fc1 = nn.Linear(dim, dim_ffn, bias=False)
         self.fc2 = nn.Linear(dim_ffn, dim, bias=False)
 
