@@ -202,6 +202,21 @@ def test_t5_bf16_runs_close_to_fp32():
     assert ((out.float() - ref)[real].abs().max() / ref[real].abs().max()).item() < 0.05
 
 
+def test_t5_gelu_rounds_like_the_official_elementary_ops():
+    gate = T5Encoder(**t5_configs['debug']).blocks[0].ffn.gate
+    assert isinstance(gate[0], torch.nn.Linear)  # the GELU has no parameters: the key stays ffn.gate.0.weight
+    torch.manual_seed(0)
+    x = (3 * torch.randn(1 << 16)).to(torch.bfloat16)
+    # the official formula op by op: each op in fp32, rounded to bf16 (torch.pow(x, 3.0) is (x * x) * x, each rounded)
+    b = lambda t: t.to(torch.bfloat16).float()
+    f = x.float()
+    inner = b(f + b(0.044715 * b(b(f * f) * f)))
+    ref = b(b(0.5 * f) * b(1.0 + b(torch.tanh(b(math.sqrt(2.0 / math.pi) * inner)))))
+    out = gate[1](x)
+    assert out.dtype == torch.bfloat16 and torch.equal(out.float(), ref)
+    assert (torch.nn.GELU(approximate='tanh')(x) != out).float().mean() > 0.3  # the fused op rounds once
+
+
 def test_t5_init_is_deterministic():
     a = T5Encoder(**t5_configs['debug']).init_weights(3).state_dict()
     b = T5Encoder(**t5_configs['debug']).init_weights(3).state_dict()
@@ -470,6 +485,19 @@ def test_write_video_roundtrip(tmp_path):
     back = torch.from_numpy(_decode(tmp_path / 'v.mp4')).permute(3, 0, 1, 2).float() / 127.5 - 1
     assert back.shape == video.shape
     assert (back - video).abs().mean() < 0.03
+
+
+def test_write_video_truncates_like_the_official_writer(tmp_path):
+    # flat grey frames at levels k + 0.6: the official writer truncates to k (rounding gives k + 1); crf 10 keeps
+    # flat frames exact, at grey levels k and k + 1 that both survive yuv420p's limited range
+    levels = torch.tensor([50.6, 100.6, 150.6, 200.6])
+    video = (levels / 255 * 2 - 1).view(1, -1, 1, 1).expand(3, -1, 32, 32)  # decord misreads tiny sizes like 16x16
+    write_video(str(tmp_path / 'v.mp4'), video, fps=8)
+    back = torch.from_numpy(_decode(tmp_path / 'v.mp4')).float().mean((1, 2, 3))
+    assert (back - levels.floor()).abs().max() < 0.5, back
+    # imageio's quality=8 is crf 10 with x264's default preset medium (ref=3, subme=7), as x264 records it
+    opts = re.search(rb'options: [^\x00]*', (tmp_path / 'v.mp4').read_bytes()).group().decode()
+    assert all(o in opts.split() for o in ('crf=10.0', 'ref=3', 'subme=7', 'me=hex')), opts
 
 
 # ---------------------------------------------------------------------------------------------- training and sampling
@@ -1888,16 +1916,17 @@ def test_aligner_loss_falls_on_a_toy_batch(tiny):
 # ---------------------------------------------------------------------------------------------- the trainer
 
 ALIGNER_ARGS = ['--frames=8', '--height=32', '--width=48', '--batch_size=4', '--dim=32', '--heads=2', '--depth=1',
-        '--log_interval=1', '--eval_interval=3', '--ckpt_interval=1000', '--pictures=1', '--picture_frames=3',
+        '--log_interval=1', '--eval_interval=3', '--ckpt_interval=1000', '--pictures=2', '--picture_frames=3',
         '--picture_zoom=2', '--text_len=40', '--warmup_iters=2', '--lr_decay_iters=6']
 
 
-def png_size(rows, zoom=2, height=32, width=48, gap=2):
-    """(width, height) of a saliency picture: 3 columns, `rows` rows of zoomed cells, gaps between them."""
-    return 3 * zoom * width + 2 * gap, rows * zoom * height + (rows - 1) * gap
+def png_size(rows, frames=3, zoom=2, height=32, width=48, gap=2, label=14):
+    """(width, height) of a saliency picture: `rows` rows (queries), each a text strip above 2 zoomed cells per frame
+    (mask overlay, heatmap), gaps between them."""
+    return 2 * frames * (zoom * width + gap) - gap, rows * (label + zoom * height + gap) - gap
 
 
-ALIGNER_PNG_SIZE = png_size(3)  # (292, 196)
+ALIGNER_PNG_SIZE = png_size(4)  # (586, 318): val clip 0 has K = 1 entity, K + 3 queries
 
 
 def aligner_losses(log):
@@ -1934,8 +1963,24 @@ def test_training_writes_checkpoint_metrics_and_pictures(trained):
             assert im.size == ALIGNER_PNG_SIZE and im.mode == 'RGB'
     with Image.open(root / 'a' / 'saliency' / 'iter_0006_clip0.png') as im:
         px = np.asarray(im)
-    assert (px[:, 96:98] == 255).all()  # the gap after the first column
-    assert px[:64, 98:194].std() > 0    # the overlay column is an image
+    assert (px[14:78, 96:98] == 255).all()  # the gap after the first cell, below the text strip
+    assert px[14:78, :96].std() > 0         # the overlay cell is an image
+
+
+def test_aligner_pictures_label_every_query(trained, tiny):
+    # val clip 1 has K = 3 entities: one row per query, K + 3 (entities, union, background, full caption), each labelled
+    root, _, _ = trained
+    rec = json.loads((tiny / 'val.jsonl').read_text().splitlines()[1])
+    ents = [e['caption'] for e in rec['entities']]
+    with Image.open(root / 'a' / 'saliency' / 'iter_0006_clip1.png') as im:
+        labels, px = json.loads(im.text['labels']), np.asarray(im)
+    assert len(ents) == 3 and len(labels) == 6 and px.shape[1::-1] == png_size(6)
+    assert [l.split(' (IoU ')[0] for l in labels] == ['entity'] * 3 + ['union', 'background', 'caption']
+    assert all(re.fullmatch(r'\w+ \(IoU [01]\.\d\d\): .+', l) for l in labels), labels
+    assert [l.split('): ', 1)[1] for l in labels] == ents + [' and '.join(ents), rec['background'], rec['caption']]
+    for r in range(6):  # each row's text strip has dark text on white
+        strip = px[r * (14 + 64 + 2):][:14]
+        assert (strip < 100).any() and (strip == 255).mean() > 0.5
 
 
 def test_clip_without_entities_and_long_caption_are_reported_once(trained):
@@ -1950,11 +1995,12 @@ def test_saliency_task_draws_any_clip_and_caption(trained, tiny):
     root, _, _ = trained
     clip = read_manifest(tiny / 'val.jsonl')[0]['video']
     r = run('train_aligner.py', '--task=saliency', f'--out_dir={root}/a', f'--video={clip}',
-            '--caption=a red circle', f'--out={root}/s.png', '--picture_zoom=3')  # 4 rows: the default
+            '--caption=a red circle', f'--out={root}/s.png', '--picture_zoom=3')  # 4 frames: the default
     assert r.returncode == 0, r.stderr
     assert 'wrote' in r.stdout
     with Image.open(root / 's.png') as im:
-        assert im.size == png_size(4, zoom=3) == (436, 390)
+        assert im.size == png_size(1, frames=4, zoom=3) == (1166, 110)  # one row: the caption, no IoU without masks
+        assert json.loads(im.text['labels']) == ['a red circle']
     assert json.load(open(root / 'a' / 'config.json'))['task'] == 'train'  # drawing leaves the run alone
     r = run('train_aligner.py', '--task=saliency', f'--out_dir={root}/a', f'--video={root}/nope.mp4', '--caption=x')
     assert r.returncode != 0 and 'nope.mp4: file not found' in r.stderr

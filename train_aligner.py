@@ -29,7 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
 
 from data import ClipLoader, ensure_shapes, load_clip, read_manifest, resize_crop, toy_tokenizer
 from models.aligner import (Aligner, auroc, build_queries, info_nce, iou, load_encoders, load_run, mask_targets,
@@ -73,7 +74,7 @@ log_interval = 50              # iterations between log lines (the losses are th
 eval_interval = 200            # iterations between evaluations on val.jsonl (one is always run at the end)
 ckpt_interval = 200            # iterations between checkpoints (one is always written at the end)
 pictures = 2                   # validation clips drawn at each evaluation (out_dir/saliency/iter_XXXX_clipN.png)
-picture_frames = 4             # frames (rows) per picture
+picture_frames = 4             # frames per picture row (one row per query; per frame: mask overlay, heatmap)
 picture_zoom = 2               # picture cells are the model input enlarged this many times
 init_from = 'scratch'          # scratch | resume (out_dir/ckpt.pt)
 skip_bad = False               # skip unreadable clips (counted and reported) instead of stopping
@@ -86,6 +87,7 @@ out = ''                       # task=saliency: the PNG to write ('' = out_dir/s
 cfg = configure(globals(), __file__)
 
 GAP = 2  # white pixels between picture cells
+LABEL = 14  # height of the text strip above each picture row
 
 
 def pick_device(local_rank=0):
@@ -138,23 +140,25 @@ class Gather(torch.autograd.Function):
 
 
 def eval_queries(clip, grid):
-    """The training queries of a clip plus, for any clip with entities, 'union' (for K = 1 the entity caption) and
-    'caption' (its full caption, as Stage 2 asks), both against the union mask. -> kinds, texts, targets [Q, N]."""
+    """The training queries of a clip plus, for any clip with entities, 'union' (for K = 1 the entity caption, put
+    after it as build_queries orders K > 1) and 'caption' (its full caption, as Stage 2 asks), both against the union
+    mask. -> kinds, texts, pixel targets [Q, T, H, W], token targets [Q, N]."""
     ents, masks = clip['entity_captions'], clip['masks']
     kinds, texts, targets = build_queries(ents, masks, clip['background'], clip['caption'])
     if ents:
         union = 1 - torch.prod(1 - masks, dim=0, keepdim=True)
-        extra = [('union', ents[0])] if len(ents) == 1 else []
-        for kind, text in extra + [('caption', clip['caption'])]:
-            kinds, texts, targets = kinds + [kind], texts + [text], torch.cat([targets, union])
-    return kinds, texts, mask_targets(targets, grid)
+        if len(ents) == 1:
+            kinds, texts, targets = kinds[:1] + ['union'] + kinds[1:], texts[:1] + ents + texts[1:], \
+                torch.cat([targets[:1], union, targets[1:]])
+        kinds, texts, targets = kinds + ['caption'], texts + [clip['caption']], torch.cat([targets, union])
+    return kinds, texts, targets, mask_targets(targets, grid)
 
 
 def baseline(records, grid):
     """Per query kind, each token's mean target over the training clips (first window of each): a position prior."""
     sums, counts = {}, {}
     for rec in records:
-        kinds, _, targets = eval_queries(load_clip(rec, frames, height, width, frame_stride), grid)
+        kinds, _, _, targets = eval_queries(load_clip(rec, frames, height, width, frame_stride), grid)
         for k, t in zip(kinds, targets):
             sums[k], counts[k] = sums.get(k, 0) + t, counts.get(k, 0) + 1
     return {k: sums[k] / counts[k] for k in sums}
@@ -167,31 +171,48 @@ def heat(x):
     return (rgb * 255).round().to(torch.uint8)
 
 
-def picture(video, saliency, grid, path, mask=None):
-    """PNG grid: rows = picture_frames frames; columns = the frame, the mask (red) over it (without a mask: the
-    heatmap over it, opaque where salient), the saliency heatmap upsampled (bilinear) from the token grid.
-    video [3, T, H, W] in [-1, 1], saliency [N] probabilities, mask [T, H, W] or None. Written atomically."""
+def fit(draw, text, width):
+    """text, cut to `width` pixels with '...' (the PNG's 'labels' chunk keeps it whole)."""
+    if draw.textlength(text) <= width:
+        return text
+    while text and draw.textlength(text + '...') > width:
+        text = text[:-1]
+    return text + '...'
+
+
+def picture(video, rows, grid, path):
+    """PNG grid: one row per query, its label in a text strip above picture_frames pairs of cells: the frame with the
+    query's mask (red) over it (without a mask: the heatmap over it, opaque where salient), and the saliency heatmap
+    upsampled (bilinear) from the token grid. video [3, T, H, W] in [-1, 1]; rows: (label, saliency [N]
+    probabilities, mask [T, H, W] or None). The labels, uncut, also go in the PNG text chunk 'labels' (JSON).
+    Written atomically. -> (width, height)"""
     T, th, tw = video.shape[1], 16 * grid[1], 16 * grid[2]
     frames_ = ((resize_crop(video.float().cpu(), th, tw) + 1) * 127.5).round().clamp(0, 255).permute(1, 2, 3, 0)
-    sal = F.interpolate(saliency.float().cpu().view(grid[0], 1, grid[1], grid[2]), size=(th, tw), mode='bilinear',
-                        align_corners=False)[:, 0].clamp(0, 1)
-    rows = np.linspace(0, T - 1, min(picture_frames, T)).round().astype(int)
+    picks = np.linspace(0, T - 1, min(picture_frames, T)).round().astype(int)
     cw, ch = picture_zoom * tw, picture_zoom * th
-    canvas = Image.new('RGB', (3 * cw + 2 * GAP, len(rows) * ch + (len(rows) - 1) * GAP), 'white')
-    for r, f in enumerate(rows):
-        frame, s = frames_[f], sal[f * grid[0] // T]
-        hm = heat(s).float()
-        if mask is None:
-            a = 0.7 * s.unsqueeze(-1)
-            over = frame * (1 - a) + hm * a
-        else:
-            m = resize_crop(mask[f].float().cpu(), th, tw).clamp(0, 1).unsqueeze(-1)
-            over = frame * (1 - 0.6 * m) + torch.tensor([255.0, 0.0, 0.0]) * 0.6 * m
-        for col, img in enumerate((frame, over, hm)):
-            cell = Image.fromarray(img.round().clamp(0, 255).to(torch.uint8).numpy()).resize((cw, ch), Image.NEAREST)
-            canvas.paste(cell, (col * (cw + GAP), r * (ch + GAP)))
+    canvas = Image.new('RGB', (2 * len(picks) * (cw + GAP) - GAP, len(rows) * (LABEL + ch + GAP) - GAP), 'white')
+    draw = ImageDraw.Draw(canvas)  # Pillow's default font
+    for r, (label, saliency, mask) in enumerate(rows):
+        y = r * (LABEL + ch + GAP)
+        draw.text((2, y + 1), fit(draw, label, canvas.width - 4), fill='black')
+        sal = F.interpolate(saliency.float().cpu().view(grid[0], 1, grid[1], grid[2]), size=(th, tw),
+                            mode='bilinear', align_corners=False)[:, 0].clamp(0, 1)
+        for i, f in enumerate(picks):
+            frame, s = frames_[f], sal[f * grid[0] // T]
+            hm = heat(s).float()
+            if mask is None:
+                a = 0.7 * s.unsqueeze(-1)
+                over = frame * (1 - a) + hm * a
+            else:
+                m = resize_crop(mask[f].float().cpu(), th, tw).clamp(0, 1).unsqueeze(-1)
+                over = frame * (1 - 0.6 * m) + torch.tensor([255.0, 0.0, 0.0]) * 0.6 * m
+            for j, img in enumerate((over, hm)):
+                cell = Image.fromarray(img.round().clamp(0, 255).to(torch.uint8).numpy())
+                canvas.paste(cell.resize((cw, ch), Image.NEAREST), ((2 * i + j) * (cw + GAP), y + LABEL))
+    info = PngInfo()
+    info.add_text('labels', json.dumps([r[0] for r in rows]))
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    canvas.save(path + '.tmp', format='PNG')
+    canvas.save(path + '.tmp', format='PNG', pnginfo=info)
     os.replace(path + '.tmp', path)
     return canvas.size
 
@@ -199,12 +220,13 @@ def picture(video, saliency, grid, path, mask=None):
 @torch.no_grad()
 def evaluate(aligner, frozen, records, base, grid, it):
     """IoU (sigmoid > 0.5 vs target > 0.5) and AUROC (target > 0.5) over every token of every validation query, per
-    kind, next to the baseline's; pictures of the union query of the first `pictures` clips."""
+    kind, next to the baseline's; pictures of every query of the first `pictures` clips, each labelled with its
+    kind, IoU and text."""
     aligner.eval()
     got = {}
     for n, rec in enumerate(records):
         clip = load_clip(rec, frames, height, width, frame_stride)
-        kinds, texts, targets = eval_queries(clip, grid)
+        kinds, texts, pixels, targets = eval_queries(clip, grid)
         text, mask = frozen.text(texts, [clip['where']] * len(texts), text_len)
         tokens = frozen.video(clip['video'][None])
         with frozen.autocast:
@@ -212,10 +234,10 @@ def evaluate(aligner, frozen, records, base, grid, it):
         probs = torch.sigmoid(logits.float()).cpu()
         for k, p, t in zip(kinds, probs, targets):
             got.setdefault(k, []).append((p, t, base.get(k, torch.full_like(t, 0.5))))
-        if n < pictures and 'union' in kinds:
-            union = 1 - torch.prod(1 - clip['masks'], dim=0)
-            picture(clip['video'], probs[kinds.index('union')], grid,
-                    os.path.join(out_dir, 'saliency', f'iter_{it:04d}_clip{n}.png'), union)
+        if n < pictures:
+            rows = [(f'{k} (IoU {iou(p, t):.2f}): {x}', p, m)
+                    for k, x, p, t, m in zip(kinds, texts, probs, targets, pixels)]
+            picture(clip['video'], rows, grid, os.path.join(out_dir, 'saliency', f'iter_{it:04d}_clip{n}.png'))
     aligner.train()
     out = {}
     for k, rows in got.items():
@@ -264,7 +286,7 @@ def saliency_task():
     with torch.no_grad():
         logits, _ = aligner(frozen.video(clip['video'][None]), grid, text, mask)
     path = out or os.path.join(out_dir, 'saliency', os.path.splitext(os.path.basename(video))[0] + '.png')
-    size = picture(clip['video'], torch.sigmoid(logits[0].float()), grid, path)
+    size = picture(clip['video'], [(caption, torch.sigmoid(logits[0].float()), None)], grid, path)
     print(f'wrote {path} ({size[0]}x{size[1]}), mean saliency {torch.sigmoid(logits.float()).mean():.3f}')
 
 
