@@ -190,7 +190,7 @@ def _encode(path, frames, fps):
     with av.open(tmp, 'w', format='mp4') as c:
         s = c.add_stream('libx264', rate=Fraction(fps).limit_denominator(1001))
         s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], 'yuv420p'
-        s.options = {'crf': '10', 'preset': 'medium'}
+        s.options = {'crf': '10', 'preset': 'medium', 'threads': '1'}  # x264's threads make bytes vary by timing
         for f in frames:
             c.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format='rgb24')))
         c.mux(s.encode())

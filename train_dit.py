@@ -286,6 +286,9 @@ def main():
                      {'iter': it, 'loader': loader.state_dict(), 'global_batch': global_batch, 'config': cfg,
                       'arch': arch, 'fps': fps, 'world': world, **({} if ckpt_dir else {'t5': t5.state_dict()})})
         if master:
+            if os.path.isdir(ckpt_path) and not os.path.islink(ckpt_path):  # a copy of the run made without links
+                step = os.path.join(out_dir, f"ckpt-{run_meta(ckpt_path)['iter']:06d}")
+                shutil.rmtree(ckpt_path) if os.path.exists(step) else os.rename(ckpt_path, step)
             os.symlink(name, ckpt_path + '.link')
             os.replace(ckpt_path + '.link', ckpt_path)  # atomic: ckpt is always a whole checkpoint
             for old in run_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
