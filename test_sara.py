@@ -90,6 +90,8 @@ def test_help_lists_every_setting_and_config_json_is_written(tmp_path):
             assert f'--{key}' in r.stdout and line.split('#')[1].strip() in r.stdout
     r = run('train_dit.py', '--max_itres=3')
     assert r.returncode != 0 and "did you mean max_iters" in r.stderr
+    r = run('train_dit.py', '--help')  # the motion route is ours, not MoAlign's (whose motion subspace is not public)
+    assert 'motion (ours: motion-weighted)' in r.stdout and 'MoAlign' not in r.stdout
 
 
 # ---------------------------------------------------------------------------------------------- the DiT
@@ -1686,6 +1688,29 @@ def test_sample_replaces_an_a14b_expert_by_a_run_or_a_folder(tmp_path):
     assert np.array_equal(base, also)
     r = run('sample.py', f'--ckpt_dir={root}', '--model=t2v-a14b', '--image=x.png')
     assert r.returncode != 0 and 'is text-to-video: drop --image' in r.stderr
+
+
+def test_umt5_runs_on_the_sampling_device_unless_t5_cpu(monkeypatch, tmp_path):
+    """As officially: umT5 on the GPU, on the CPU only with t5_cpu (the official --t5_cpu); offload moves the idle A14B
+    expert only. Checked through the devices load_official asks for (no GPU needed)."""
+    monkeypatch.setattr(sys, 'argv', ['sample.py'])
+    import sample
+    asked = {}
+    monkeypatch.setattr(sample, 'expert_folders', lambda d: {'high': 'h', 'low': 'l'})
+    monkeypatch.setattr(sample, 'load_expert', lambda f, device: asked.setdefault(f, device) and WanModel(num_layers=0))
+    monkeypatch.setattr(sample, 'load_text_and_vae', lambda d, z, t5_dev, vae_dev: asked.update(t5=t5_dev, vae=vae_dev))
+    gpu = torch.device('cuda', 0)
+    monkeypatch.setattr(sample, 'ckpt_dir', str(tmp_path))
+    monkeypatch.setattr(sample, 'model', 't2v-a14b')
+    with pytest.raises(TypeError):  # load_text_and_vae returns nothing here: only the devices matter
+        sample.load_official(gpu)
+    assert asked == {'h': torch.device('cpu'), 'l': torch.device('cpu'), 't5': gpu, 'vae': gpu}
+    monkeypatch.setattr(sample, 't5_cpu', True)
+    monkeypatch.setattr(sample, 'offload', False)
+    asked.clear()
+    with pytest.raises(TypeError):
+        sample.load_official(gpu)
+    assert asked == {'h': gpu, 'l': gpu, 't5': 'cpu', 'vae': gpu}
 
 
 def test_ti2v_output_size_is_the_official_one(monkeypatch):
