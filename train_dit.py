@@ -60,7 +60,7 @@ grad_clip = 1.0                # clip the gradient norm to this (0 = off)
 t_range = (0.0, 1.0)           # sigma range after the shift, e.g. (0.875, 1.0) for the high-noise A14B expert
 shift = 1.0                    # sigma = shift*u / (1 + (shift-1)*u) for u uniform in the range
 caption_dropout = 0.1          # share of empty captions, so that classifier-free guidance works
-route = 'none'                 # TRD routing: none (SFT) | uniform (VideoREPA) | motion (ours: motion-weighted) | or (SARA) | and | xor
+route = 'none'                 # TRD: none (SFT) | uniform (VideoREPA) | motion (ours: motion-weighted) | or (SARA) | and | xor
 aligner_ckpt = 'out/aligner/ckpt.pt'  # Stage 1 run: its saliency for or/and/xor and, when it exists, its V-JEPA
                                       # gives every route's targets ('' = none: uniform/motion use vjepa_model)
 trd_weight = 0.5               # L = L_flow + trd_weight * L_TRD
@@ -185,8 +185,10 @@ def main():
               f'grad_accum {grad_accum}', flush=True)
     torch.manual_seed(seed)
 
+    with torch.device('meta'):  # the DiT's shape, for the checks below (fields absent from a config.json: defaults)
+        spec = WanModel(**arch)
     if ckpt_dir:  # the official frozen umT5 (sharded like the DiT: 10.6 GiB in bf16 unsharded), tokenizer and VAE
-        t5, tok, codec = load_text_and_vae(ckpt_dir, arch['out_dim'], dev, dev, lambda m: parallel.shard(m, mesh, m.blocks))
+        t5, tok, codec = load_text_and_vae(ckpt_dir, spec.out_dim, dev, dev, lambda m: parallel.shard(m, mesh, m.blocks))
     else:  # a frozen random debug umT5 made from the seed, saved with the run, and a word-level tokenizer
         t5 = T5Encoder(**t5_configs['debug']).eval().requires_grad_(False)
         t5.init_weights(seed)
@@ -198,10 +200,10 @@ def main():
             toy_tokenizer(manifest, loader.records, out_dir)
         dist.barrier()
         tok = Tokenizer(os.path.join(out_dir, 'tokenizer.json'))
-    if codec.z_dim != arch['in_dim']:
-        raise SystemExit(f"the codec gives {codec.z_dim} latent channels but the DiT takes {arch['in_dim']} "
-                         f"(image-conditioned DiTs are not trained here)")
-    check_sizes(codec, arch.get('patch_size', (1, 2, 2)))
+    if codec.z_dim != spec.patch_embedding.in_channels:
+        raise SystemExit(f'the codec gives {codec.z_dim} latent channels but the DiT takes '
+                         f'{spec.patch_embedding.in_channels} (image-conditioned DiTs are not trained here)')
+    check_sizes(codec, spec.patch_size)
 
     # the DiT: FSDP-sharded before it holds any weights, filled shard by shard (no rank holds a full fp32 copy)
     shard_dit = lambda m: parallel.shard(m, mesh, m.blocks)
