@@ -5,8 +5,12 @@
     python sample.py --ckpt_dir=Wan2.2-T2V-A14B --model=t2v-a14b --prompt="..." --size=832*480
     torchrun --nproc_per_node=4 sample.py --ckpt_dir=Wan2.2-T2V-A14B --model=t2v-a14b --prompt="..."
 
-Under torchrun every rank holds the models and the ranks split the video's tokens (Ulysses sequence parallelism,
-sp = the number of processes): the same video as one process, sooner. Rank 0 writes it.
+Under torchrun every rank holds the models and each group of `sp` ranks (default: all) splits a video's tokens
+(Ulysses sequence parallelism): the same video as one process, sooner. With --prompts=<file> the groups split the
+prompt list and write <prompt>-<index>.mp4, VBench's naming:
+
+    torchrun --nproc_per_node=8 sample.py --ckpt_dir=Wan2.2-TI2V-5B --model=ti2v-5b --prompts=vbench.txt \
+        --samples=5 --sp=1 --out=vbench_videos
 """
 import collections
 import math
@@ -28,9 +32,12 @@ out_dir = 'out/dit'            # a train_dit.py run to sample from (used when ck
 ckpt_dir = ''                  # an official Wan2.2/2.1 checkpoint folder (official or diffusers DiT layout)
 model = 'ti2v-5b'              # which official model ckpt_dir holds: t2v-a14b | i2v-a14b | ti2v-5b | t2v-1.3b | t2v-14b
 prompt = 'a red circle moves right over a dark grey checkered floor'  # the caption to render
+prompts = ''                   # a text file, one prompt a line: writes out/<prompt>-<index>.mp4 (VBench's naming)
+samples = 1                    # with prompts: videos per prompt, index i seeded with seed + i (VBench: 5)
+sp = 0                         # torchrun ranks per video (0 = all); with prompts the world/sp rank groups split them
 negative_prompt = ''           # '' = the official default negative prompt (runs: the empty caption)
 image = ''                     # first frame for image-to-video (i2v-a14b, or ti2v-5b)
-out = ''                       # mp4 path; '' = out_dir/sample.mp4 (runs) or sample.mp4
+out = ''                       # mp4 path ('' = out_dir/sample.mp4 or sample.mp4); with prompts a folder ('' = samples)
 solver = 'unipc'               # unipc (the official default) | euler
 steps = 0                      # denoising steps; 0 = the model's default
 shift = 0.0                    # sigma = shift*s / (1 + (shift-1)*s); 0 = the model's default
@@ -145,8 +152,17 @@ def load_run(dev):
 
 
 def main():
-    mesh, dev = parallel.init(int(os.environ.get('WORLD_SIZE', 1)), device)
+    mesh, dev = parallel.init(sp or int(os.environ.get('WORLD_SIZE', 1)), device)
     group = parallel.sp_group(mesh)
+    jobs = [(prompt, None)]
+    if prompts:
+        if not os.path.isfile(prompts):
+            raise SystemExit(f'--prompts={prompts}: file not found (one prompt a line)')
+        texts = [line.strip() for line in open(prompts, encoding='utf-8') if line.strip()]
+        bad = next((t for t in texts if '/' in t or len(t.encode()) > 240), None)
+        if bad:  # the prompt is the file name (VBench's convention)
+            raise SystemExit(f'{prompts}: the prompt {bad[:60]!r} cannot be a file name (a "/" or over 240 bytes)')
+        jobs = [(t, i) for t in texts for i in range(samples)]
     if ckpt_dir and model not in OFFICIAL:
         raise SystemExit(f"unknown model '{model}'; choose one of {', '.join(OFFICIAL)}")
     if ckpt_dir and model == 'i2v-a14b' and not image:
@@ -161,8 +177,8 @@ def main():
         raise SystemExit(f"{ckpt_dir} holds {', '.join(experts)} DiT folder(s), which does not fit model={model}")
     any_dit = next(iter(experts.values()))
     if any_dit.num_heads % mesh['sp'].size():
-        raise SystemExit(f"{mesh['sp'].size()} torchrun processes do not divide the DiT's {any_dit.num_heads} heads: "
-                         f"run a number of processes that divides it")
+        raise SystemExit(f"sp={mesh['sp'].size()} ranks per video do not divide the DiT's {any_dit.num_heads} heads: "
+                         f"pick an sp (or a number of torchrun processes) that divides it")
     n_frames = frames or d['frames']
     w, h = (int(v) for v in (size or d['size']).split('*'))
     guide = (guidance, guidance) if guidance else d['guidance']
@@ -172,11 +188,6 @@ def main():
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if dev.type == 'cuda' else torch.autocast('cpu', enabled=False)
 
     with torch.no_grad():
-        ids, mask = tok([prompt, negative_prompt or (NEG_PROMPT if ckpt_dir else '')], any_dit.text_len)
-        t5_dev = next(t5.parameters()).device
-        context = encode(t5, ids.to(t5_dev), mask.to(t5_dev), any_dit.text_len).to(dev)
-        cond, uncond = context[:1], context[1:]
-
         # the conditioning image: I2V-A14B concatenates mask + image latents, TI2V-5B pins the first latent frame
         y, first = None, None
         if image and model == 'i2v-a14b' and ckpt_dir:
@@ -205,8 +216,14 @@ def main():
         if h % (codec.stride[1] * 2) or w % (codec.stride[2] * 2):
             raise SystemExit(f'size {w}*{h} must be a multiple of {2 * codec.stride[2]} on both sides for this model')
 
+    def generate(text, noise_seed):
+        """One video [1, 3, T, H, W] in [-1, 1] for text, and the steps each expert took."""
+        ids, mask = tok([text, negative_prompt or (NEG_PROMPT if ckpt_dir else '')], any_dit.text_len)
+        t5_dev = next(t5.parameters()).device
+        context = encode(t5, ids.to(t5_dev), mask.to(t5_dev), any_dit.text_len).to(dev)
+        cond, uncond = context[:1], context[1:]
         shape = (any_dit.out_dim, (n_frames - 1) // codec.stride[0] + 1, h // codec.stride[1], w // codec.stride[2])
-        x = torch.randn(shape, generator=torch.Generator(dev).manual_seed(seed), device=dev)[None]
+        x = torch.randn(shape, generator=torch.Generator(dev).manual_seed(noise_seed), device=dev)[None]
         keep = torch.ones_like(x)
         if first is not None:
             keep[:, :, 0] = 0  # latent frame 0 is the image's, re-imposed after every step
@@ -230,12 +247,25 @@ def main():
             x = sampler.step(v_uncond + g * (v_cond - v_uncond), x)
             if first is not None:
                 x = (1 - keep) * first + keep * x
-        video = codec.decode(x.float()).clamp(-1, 1)
-    path = out or (os.path.join(out_dir, 'sample.mp4') if not ckpt_dir else 'sample.mp4')
-    if dist.get_rank() == 0:
-        write_video(path, video[0].cpu(), d['fps'])
-        print(f'wrote {path}: {video.shape[2]} frames of {video.shape[4]}x{video.shape[3]} at {d["fps"]:g} fps; '
-              f'steps per expert: {dict(used)}' + (f'; sp {group.size()}' if group else ''))
+        return codec.decode(x.float()).clamp(-1, 1), used
+
+    dp, at = mesh['dp'].size(), mesh['dp'].get_local_rank()
+    folder = out or 'samples'
+    for text, i in jobs[at::dp]:  # each group of sp ranks its share of the prompts
+        if i is None:
+            path = out or (os.path.join(out_dir, 'sample.mp4') if not ckpt_dir else 'sample.mp4')
+        else:
+            path = os.path.join(folder, f'{text}-{i}.mp4')
+            if os.path.exists(path):  # a batch picks up where it stopped
+                continue
+        with torch.no_grad():
+            video, used = generate(text, seed + (i or 0))
+        if mesh['sp'].get_local_rank() == 0:
+            os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+            write_video(path, video[0].cpu(), d['fps'])
+            print(f'wrote {path}: {video.shape[2]} frames of {video.shape[4]}x{video.shape[3]} at {d["fps"]:g} fps; '
+                  f'steps per expert: {dict(used)}' + (f'; sp {group.size()}' if group else '') +
+                  (f'; rank {dist.get_rank()}' if dp > 1 else ''), flush=True)
     parallel.close()
 
 

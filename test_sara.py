@@ -2319,6 +2319,30 @@ def test_sampling_with_sp_2_equals_one_process(layouts):
 
 
 @multiprocess
+def test_batch_sampling_names_files_like_vbench_and_splits_the_prompts(layouts, tmp_path):
+    import decord
+    root, _, _ = layouts
+    texts = ['a red circle moves right over a grey floor', 'a blue square moves up over a grey floor',
+             'a green triangle moves left over a grey floor']
+    (tmp_path / 'p.txt').write_text('\n'.join(texts) + '\n\n')
+    args = [f'--out_dir={root}/1x1', '--steps=2', '--size=32*32', f'--prompts={tmp_path}/p.txt', '--samples=2']
+    want = sorted(f'{t}-{i}.mp4' for t in texts for i in range(2))
+    one = run('sample.py', *args, f'--out={tmp_path}/one')
+    two = torchrun(2, 'sample.py', *args, '--sp=1', f'--out={tmp_path}/two')
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / 'one')) == sorted(os.listdir(tmp_path / 'two')) == want
+    ranks = {}
+    for name, rank in re.findall(r'^wrote .*/([^/]*\.mp4): .*; rank (\d)$', two.stdout, re.M):
+        ranks.setdefault(rank, set()).add(name)
+    assert sorted(ranks) == ['0', '1'] and ranks['0'].isdisjoint(ranks['1']) and len(ranks['0']) == len(ranks['1']) == 3
+    frames = lambda folder, name: decord.VideoReader(str(tmp_path / folder / name)).get_batch(range(9)).asnumpy()
+    assert all(np.array_equal(frames('one', n), frames('two', n)) for n in want)  # seed + index, whoever writes it
+    assert not np.array_equal(frames('one', want[0]), frames('one', want[1]))
+    again = run('sample.py', *args, f'--out={tmp_path}/one')  # a finished batch writes nothing more
+    assert again.returncode == 0 and 'wrote' not in again.stdout
+
+
+@multiprocess
 def test_impossible_layouts_are_refused_in_one_sentence(layouts):
     root, args, _ = layouts
     r = torchrun(3, 'train_dit.py', *args, '--sp=2', f'--out_dir={root}/bad')
