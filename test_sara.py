@@ -1672,20 +1672,24 @@ def test_sample_replaces_an_a14b_expert_by_a_run_or_a_folder(tmp_path):
             '--learning_rate=0.0', f'--out_dir={tmp_path}/run')
     assert r.returncode == 0, r.stderr
 
-    def sample(name, *extra):
+    def sample(name, *extra):  # guidance 1: the random experts amplify float noise less than with CFG
         r = run('sample.py', f'--ckpt_dir={root}', '--model=t2v-a14b', '--frames=5', '--steps=8', '--size=64*32',
-                f'--out={tmp_path}/{name}.mp4', *extra)
+                '--guidance=1', f'--out={tmp_path}/{name}.mp4', *extra)
         assert r.returncode == 0, r.stderr
-        return decord.VideoReader(str(tmp_path / f'{name}.mp4')).get_batch(range(5)).asnumpy(), r.stdout
+        return decord.VideoReader(str(tmp_path / f'{name}.mp4')).get_batch(range(5)).asnumpy().astype(float), r.stdout
 
     base, _ = sample('base')
     same, log = sample('run', f'--high={tmp_path}/run')
-    assert f'high {tmp_path}/run, low {root}/low_noise_model' in log and np.array_equal(base, same)
+    also, _ = sample('low', f'--low={root}/low_noise_model')
     # the replacement acts at the high-noise steps only: the low-noise weights there change the video
     swapped, _ = sample('swapped', f'--high={root}/low_noise_model')
-    assert not np.array_equal(base, swapped)
-    also, _ = sample('low', f'--low={root}/low_noise_model')
-    assert np.array_equal(base, also)
+    # equal weights from another file can round differently in CPU matmuls (buffer addresses): within a tenth of
+    # what a different expert changes (measured: 0 or 0.4 against 3.1 mean levels)
+    effect = np.abs(base - swapped).mean()
+    print(f'mean |video difference|: run as high expert {np.abs(base - same).mean():.2f}, official low as low '
+          f'{np.abs(base - also).mean():.2f}, low-noise weights as high expert {effect:.2f}')
+    assert f'high {tmp_path}/run, low {root}/low_noise_model' in log and effect > 1
+    assert np.abs(base - same).mean() < 0.1 * effect and np.abs(base - also).mean() < 0.1 * effect
     r = run('sample.py', f'--ckpt_dir={root}', '--model=t2v-a14b', '--image=x.png')
     assert r.returncode != 0 and 'is text-to-video: drop --image' in r.stderr
 
@@ -2314,8 +2318,10 @@ def test_sampling_with_sp_2_equals_one_process(layouts):
     two = torchrun(2, 'sample.py', *args, f'--out={root}/s2.mp4')
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     assert 'sp 2' in two.stdout and two.stdout.count('wrote') == 1
-    a, b = (decord.VideoReader(str(root / n)).get_batch(range(9)).asnumpy() for n in ('s1.mp4', 's2.mp4'))
-    assert a.shape == (9, 32, 32, 3) and a.std() > 1 and np.array_equal(a, b)
+    a, b = (decord.VideoReader(str(root / n)).get_batch(range(9)).asnumpy().astype(float) for n in ('s1.mp4', 's2.mp4'))
+    # (the forward is exact, see the sp parity test; CPU matmuls may round by buffer address, which 3 steps amplify)
+    print(f'sp 2 against sp 1: mean |difference| {np.abs(a - b).mean():.3f} levels')
+    assert a.shape == (9, 32, 32, 3) and a.std() > 1 and np.abs(a - b).mean() < 0.5
 
 
 @multiprocess
@@ -2336,8 +2342,9 @@ def test_batch_sampling_names_files_like_vbench_and_splits_the_prompts(layouts, 
         ranks.setdefault(rank, set()).add(name)
     assert sorted(ranks) == ['0', '1'] and ranks['0'].isdisjoint(ranks['1']) and len(ranks['0']) == len(ranks['1']) == 3
     frames = lambda folder, name: decord.VideoReader(str(tmp_path / folder / name)).get_batch(range(9)).asnumpy()
-    assert all(np.array_equal(frames('one', n), frames('two', n)) for n in want)  # seed + index, whoever writes it
-    assert not np.array_equal(frames('one', want[0]), frames('one', want[1]))
+    diff = lambda a, b: np.abs(frames(*a).astype(float) - frames(*b)).mean()
+    assert all(diff(('one', n), ('two', n)) < 0.5 for n in want)  # seed + index, whoever writes it
+    assert diff(('one', want[0]), ('one', want[1])) > 2  # another index, another noise
     again = run('sample.py', *args, f'--out={tmp_path}/one')  # a finished batch writes nothing more
     assert again.returncode == 0 and 'wrote' not in again.stdout
 
@@ -2352,6 +2359,63 @@ def test_impossible_layouts_are_refused_in_one_sentence(layouts):
     r = torchrun(2, 'train_dit.py', *args, '--batch_size=8', f'--out_dir={root}/bad')
     assert r.returncode != 0 and 'has 8 usable clips, fewer than the 16 of one iteration' in r.stderr
     assert not os.path.exists(root / 'bad' / 'ckpt')
+
+
+# ---------------------------------------------------------------------------------------------- eval.py (toy judge)
+
+@pytest.fixture(scope='module')
+def judged_clips(tmp_path_factory):
+    """Four held-out toy clips at 64x64, decoded as the judge sees generated videos: (manifest, [(video, record)])."""
+    import decord
+    root = tmp_path_factory.mktemp('judge')
+    make_shapes(root, n_train=4, n_val=4, frames=17, size=64, fps=8, seed=0)
+    recs = read_manifest(root / 'val.jsonl')
+    return root / 'val.jsonl', [(decord.VideoReader(r['video']).get_batch(range(17)).asnumpy(), r) for r in recs]
+
+
+def test_judge_scores_real_clips_high_and_noise_low(judged_clips):
+    from eval import judge
+    _, clips = judged_clips
+    real = [judge(v, r['caption']) for v, r in clips]
+    rng = np.random.default_rng(0)
+    noise = [judge(rng.integers(0, 256, v.shape, dtype=np.uint8), r['caption']) for v, r in clips]
+    for name, rs in (('real', real), ('noise', noise)):
+        print(name, {k: (round(float(np.mean([r[k] for r in rs])), 3), round(float(np.std([r[k] for r in rs])), 3))
+                     for k in ('score', 'entity', 'direction', 'background')})
+    assert all(0 <= r[k] <= 1 for r in real + noise for k in ('score', 'entity', 'direction', 'background'))
+    assert np.mean([r['score'] for r in real]) >= 0.85 and min(r['direction'] for r in real) == 1
+    assert max(r['score'] for r in noise) <= 0.1
+
+
+def test_judge_notices_a_recoloured_entity_and_a_clip_played_backwards(judged_clips):
+    from eval import judge
+    _, clips = judged_clips
+    for v, r in clips:
+        colour = r['caption'].split()[1]  # the first entity's: "a red circle moves ..."
+        other = next(c for c in COLOURS if c not in r['caption'])
+        mask = np.load(r['entities'][0]['mask'])['mask'].astype(bool)
+        mask = F.max_pool2d(torch.from_numpy(mask)[:, None].float(), 3, 1, 1)[:, 0].numpy() > 0  # and its blurred rim
+        recoloured = v.copy()
+        recoloured[mask] = COLOURS[other]
+        before, after, back = judge(v, r['caption']), judge(recoloured, r['caption']), judge(v[::-1], r['caption'])
+        n = len(r['entities'])
+        print(f"{r['caption']}: entity {before['entity']:.3f} -> {after['entity']:.3f} ({colour} -> {other}), "
+              f"direction {before['direction']:.3f} -> backwards {back['direction']:.3f}")
+        assert before['entities'][0]['present'] >= 0.75 and after['entities'][0]['present'] == 0
+        assert after['entity'] <= before['entity'] - 0.75 / n
+        assert before['direction'] == 1 and back['direction'] == 0
+
+
+def test_eval_script_prints_the_means_and_writes_json(judged_clips, tmp_path):
+    manifest, _ = judged_clips
+    r = run('eval.py', f'--videos={manifest}', f'--out={tmp_path}/judge.json')
+    assert r.returncode == 0, r.stderr
+    print(r.stdout)
+    assert re.search(r'^mean over 4 videos: score [\d.]+ \+- [\d.]+ entity', r.stdout, re.M)
+    saved = json.load(open(tmp_path / 'judge.json'))
+    assert len(saved['videos']) == 4 and saved['summary']['score']['mean'] >= 0.85
+    r = run('eval.py')
+    assert r.returncode == 1 and r.stderr.strip() == 'error: nothing to judge: pass --videos=<manifest.jsonl>'
 
 
 if __name__ == '__main__':  # workers of the multi-process tests: python -m torch.distributed.run ... test_sara.py NAME
