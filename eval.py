@@ -2,13 +2,18 @@
 
     python eval.py --videos=data/shapes/val.jsonl              # the real clips: the judge's upper bound
     python eval.py --videos=data/shapes/val.jsonl --out=judge.json
+    python eval.py --videos=data/shapes/val.jsonl --runs=out/dit,out/routes/or   # sample runs on those captions
 
 Each caption entity ("a red circle moves right") is looked for frame by frame as one connected blob of its colour
 whose fill of its bounding box names its shape; its centroid's travel must point the named way; the rest of the
 frame must be grey. Scores are in [0, 1] per video: entity, direction, background and their mean, score.
 """
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -24,6 +29,10 @@ colour_dist = 40.0             # RGB distance to an entity's colour that still c
 min_share = 0.6                # one blob must hold this share of the colour's pixels: one object, not specks
 min_pixels = 4                 # and at least this many pixels
 grey_spread = 40.0             # mean max-min channel spread of the background that scores 0
+runs = ''                      # comma-separated train_dit.py runs: each samples the captions of `videos`, is judged
+seeds = 2                      # samples per caption and run (sample.py seeds index i with seed + i)
+steps = 0                      # sampling steps for runs (0 = sample.py's default)
+size = ''                      # sampling size 'W*H' for runs ('' = the run's clip size)
 
 # imported (tests) the defaults hold; only `python eval.py` reads the command line
 cfg = configure(globals(), __file__, None if __name__ == '__main__' else [])
@@ -106,26 +115,64 @@ def judge(video, caption):
     return dict(scores, background_text=background, entities=each)
 
 
-def main():
+def judge_files(items, show):
+    """[(mp4 path, caption)] -> the judge's results, one dict per video."""
     import decord
+    results = []
+    for path, caption in items:
+        vr = decord.VideoReader(path)
+        results.append(dict(video=path, caption=caption, **judge(vr.get_batch(range(len(vr))).asnumpy(), caption)))
+        if show:
+            r = results[-1]
+            print(f"{path}: score {r['score']:.3f} entity {r['entity']:.3f} direction {r['direction']:.3f} "
+                  f"background {r['background']:.3f}")
+    return results
+
+
+KEYS = ('score', 'entity', 'direction', 'background')
+
+
+def spread(groups):
+    """Mean and standard deviation over groups (videos, or seeds) of each score's mean within a group."""
+    means = [{k: float(np.mean([r[k] for r in g])) for k in KEYS} for g in groups]
+    return {k: dict(mean=float(np.mean([m[k] for m in means])), std=float(np.std([m[k] for m in means]))) for k in KEYS}
+
+
+def sample_run(folder, captions):
+    """Samples of a run for every caption and seed, written fresh into folder/judged by sample.py."""
+    where = os.path.join(folder, 'judged')
+    shutil.rmtree(where, ignore_errors=True)  # always the run's current weights
+    os.makedirs(where)
+    with open(os.path.join(where, 'prompts.txt'), 'w') as f:
+        f.write(''.join(c + '\n' for c in captions))
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sample.py'), f'--out_dir={folder}',
+           f'--prompts={where}/prompts.txt', f'--samples={seeds}', f'--out={where}',
+           *([f'--steps={steps}'] if steps else []), *([f'--size={size}'] if size else [])]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise ValueError(f"sampling {folder} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+    return [[(os.path.join(where, f'{c}-{i}.mp4'), c) for c in captions] for i in range(seeds)]
+
+
+def main():
     if not videos:
         raise ValueError("nothing to judge: pass --videos=<manifest.jsonl>")
-    results = []
-    for rec in read_manifest(videos):
-        vr = decord.VideoReader(rec['video'])
-        r = dict(video=rec['video'], caption=rec['caption'],
-                 **judge(vr.get_batch(range(len(vr))).asnumpy(), rec['caption']))
-        results.append(r)
-        print(f"{r['video']}: score {r['score']:.3f} entity {r['entity']:.3f} direction {r['direction']:.3f} "
-              f"background {r['background']:.3f}")
-    keys = ('score', 'entity', 'direction', 'background')
-    summary = {k: dict(mean=float(np.mean([r[k] for r in results])), std=float(np.std([r[k] for r in results])))
-               for k in keys}
-    print(f"mean over {len(results)} videos: " + ' '.join(
-        f"{k} {summary[k]['mean']:.3f} +- {summary[k]['std']:.3f}" for k in keys))
+    recs = read_manifest(videos)
+    real = judge_files([(r['video'], r['caption']) for r in recs], show=not runs)
+    table = {'real clips': spread([[r] for r in real])}  # spread over videos
+    judged = {}
+    for folder in filter(None, runs.split(',')):
+        per_seed = [judge_files(items, show=False) for items in sample_run(folder, [r['caption'] for r in recs])]
+        judged[folder], table[folder] = per_seed, spread(per_seed)  # spread over seeds
+    if runs:
+        print(f"{'':<24}" + ''.join(f'{k:>16}' for k in KEYS) + f'   (real clips: +- over videos; runs: over {seeds} seeds)')
+    for name, row in table.items():
+        print((f'{name:<24}' if runs else f'mean over {len(real)} videos: ') +
+              ''.join(f"{row[k]['mean']:>9.3f} +- {row[k]['std']:.3f}" if runs else
+                      f"{k} {row[k]['mean']:.3f} +- {row[k]['std']:.3f} " for k in KEYS).rstrip())
     if out:
         with open(out, 'w') as f:
-            json.dump(dict(summary=summary, videos=results, config=cfg), f, indent=2)
+            json.dump(dict(summary=table['real clips'], table=table, videos=real, runs=judged, config=cfg), f, indent=2)
         print(f"wrote {out}")
 
 

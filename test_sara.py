@@ -2418,5 +2418,20 @@ def test_eval_script_prints_the_means_and_writes_json(judged_clips, tmp_path):
     assert r.returncode == 1 and r.stderr.strip() == 'error: nothing to judge: pass --videos=<manifest.jsonl>'
 
 
+def test_eval_samples_and_judges_runs(tiny_run, tmp_path):
+    root, _, _ = tiny_run  # (the run's clips are 16x16, which decord misreads: sample at 32x32)
+    r = run('eval.py', f'--videos={root}/data/val.jsonl', f'--runs={root}/a', '--seeds=2', '--steps=2', '--size=32*32',
+            f'--out={tmp_path}/j.json')
+    assert r.returncode == 0, r.stderr
+    assert re.search(r'^real clips +[\d.]+ \+- ', r.stdout, re.M) and re.search(rf'^{root}/a +[\d.]+ \+- ', r.stdout, re.M)
+    res = json.load(open(tmp_path / 'j.json'))
+    per_seed = res['runs'][f'{root}/a']
+    captions = [json.loads(l)['caption'] for l in (root / 'data' / 'val.jsonl').read_text().splitlines()]
+    assert [[v['caption'] for v in seed] for seed in per_seed] == [captions, captions]
+    assert sorted(os.listdir(root / 'a' / 'judged')) == sorted([f'{c}-{i}.mp4' for c in captions for i in (0, 1)] +
+                                                               ['prompts.txt'])
+    assert all(0 <= res['table'][f'{root}/a'][k]['mean'] <= 1 for k in ('score', 'entity', 'direction', 'background'))
+
+
 if __name__ == '__main__':  # workers of the multi-process tests: python -m torch.distributed.run ... test_sara.py NAME
     {'sp_parity': sp_parity_worker}[sys.argv[1]]()
