@@ -34,8 +34,7 @@ seeds = 2                      # samples per caption and run (sample.py seeds in
 steps = 0                      # sampling steps for runs (0 = sample.py's default)
 size = ''                      # sampling size 'W*H' for runs ('' = the run's clip size)
 
-# imported (tests) the defaults hold; only `python eval.py` reads the command line
-cfg = configure(globals(), __file__, None if __name__ == '__main__' else [])
+cfg = configure(globals(), __file__)
 
 FILL = dict(square=1.0, circle=np.pi / 4, triangle=0.5)  # blob area / bounding-box area of each shape
 ENTITY = re.compile(rf"\b({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) moves ({'|'.join(MOVES)})\b")

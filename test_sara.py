@@ -2373,7 +2373,8 @@ def judged_clips(tmp_path_factory):
     return root / 'val.jsonl', [(decord.VideoReader(r['video']).get_batch(range(17)).asnumpy(), r) for r in recs]
 
 
-def test_judge_scores_real_clips_high_and_noise_low(judged_clips):
+def test_judge_scores_real_clips_high_and_noise_low(judged_clips, monkeypatch):
+    monkeypatch.setattr(sys, 'argv', ['eval.py'])  # importing the script reads its settings from the arguments
     from eval import judge
     _, clips = judged_clips
     real = [judge(v, r['caption']) for v, r in clips]
@@ -2387,7 +2388,8 @@ def test_judge_scores_real_clips_high_and_noise_low(judged_clips):
     assert max(r['score'] for r in noise) <= 0.1
 
 
-def test_judge_notices_a_recoloured_entity_and_a_clip_played_backwards(judged_clips):
+def test_judge_notices_a_recoloured_entity_and_a_clip_played_backwards(judged_clips, monkeypatch):
+    monkeypatch.setattr(sys, 'argv', ['eval.py'])  # importing the script reads its settings from the arguments
     from eval import judge
     _, clips = judged_clips
     for v, r in clips:

@@ -90,12 +90,6 @@ GAP = 2  # white pixels between picture cells
 LABEL = 14  # height of the text strip above each picture row
 
 
-def pick_device(local_rank=0):
-    if device == 'auto':
-        return torch.device(f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu')
-    return torch.device(f'cuda:{local_rank}' if device == 'cuda' else device)
-
-
 class Frozen:
     """The frozen encoders behind one call each: V-JEPA tokens of a batch of clips, umT5 features of texts."""
 
@@ -270,7 +264,7 @@ def saliency_task():
     if not os.path.isfile(video):
         raise SystemExit(f'--video={video}: file not found')
     ckpt = load_ckpt(os.path.join(out_dir, 'ckpt.pt'), 'task=saliency')
-    c, dev = ckpt['config'], pick_device()
+    c, dev = ckpt['config'], parallel.pick_device(device)
     vjepa, t5, tok = load_encoders(c, dev, os.path.join(out_dir, 'tokenizer.json'), ckpt)
     grid = tuple(ckpt['grid'])
     aligner = Aligner(**ckpt['arch'])

@@ -185,7 +185,8 @@ def main():
               f'grad_accum {grad_accum}', flush=True)
     torch.manual_seed(seed)
 
-    with torch.device('meta'):  # the DiT's shape, for the checks below (fields absent from a config.json: defaults)
+    with torch.device('meta'):  # the DiT's shape for the checks below; a resumed run fills it (a config.json's
+                                # absent fields take the defaults)
         spec = WanModel(**arch)
     if ckpt_dir:  # the official frozen umT5 (sharded like the DiT: 10.6 GiB in bf16 unsharded), tokenizer and VAE
         t5, tok, codec = load_text_and_vae(ckpt_dir, spec.out_dim, dev, dev, lambda m: parallel.shard(m, mesh, m.blocks))
@@ -214,8 +215,7 @@ def main():
         dit.init_weights()
         dit = shard_dit(dit.to(dev))
     else:  # a run's checkpoint: DCP fills the shards below
-        with torch.device('meta'):
-            dit = shard_dit(WanModel(**arch))
+        dit = shard_dit(spec)
         dit.to_empty(device=dev)
     dit.train().checkpointing = checkpointing == 'on' or (checkpointing == 'auto' and dev.type == 'cuda')
     vjepa = aligner = None
@@ -302,8 +302,9 @@ def main():
         """One micro-batch: returns (this rank's loss share, L_flow, this rank's share of L_TRD, tokens, saliency)."""
         B = len(batch['caption'])
         gens = [clip_generator(dev, s) for s in batch['slot']]
+        video = batch['video'].to(dev)  # once, for the codec and the V-JEPA targets
         with torch.no_grad():
-            x0 = codec.encode(batch['video'].to(dev))
+            x0 = codec.encode(video)
             keep = [torch.rand(1, generator=g, device=dev).item() >= caption_dropout for g in gens]
             ids, mask = tok([c if k else '' for c, k in zip(batch['caption'], keep)], dit.text_len)
             context = encode(t5, ids.to(dev), mask.to(dev), dit.text_len)
@@ -325,7 +326,7 @@ def main():
                 z = pool_tokens(z, trd_pool)  # latent frame 0 dropped (the causal VAE codes pixel frame 0 alone)
                 T = (grid[0] - 1, *grid[1:])
                 with torch.no_grad():
-                    tokens = vjepa_tokens(vjepa, batch['video'].to(dev), T)
+                    tokens = vjepa_tokens(vjepa, video, T)
                     y = to_dit_grid(tokens, trd_pool)
                     if aligner is not None:  # saliency of the full caption on the same V-JEPA tokens
                         ids, mask = a_tok(batch['caption'], a_cfg['text_len'])

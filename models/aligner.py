@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import resize_crop
-from models.checkpoint import load_state_dict, load_t5
+from models.checkpoint import load_state_dict, load_t5, read_torch
 from models.t5 import T5Encoder, Tokenizer, configs as t5_configs
 from models.vjepa import VJEPA, configs as vjepa_configs, load_vjepa
 
@@ -222,11 +222,8 @@ def load_encoders(c, dev, tok_path, saved=None, text=True):
 
 def load_run(path):
     """A train_aligner.py checkpoint (ckpt.pt), or one sentence saying it cannot be read."""
-    try:
-        return torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as err:  # a truncated or damaged file fails deep inside the unpickler
-        raise SystemExit(f'{path} cannot be read ({type(err).__name__}: {err}); it was not written completely or is '
-                         f'damaged: train the aligner again (python train_aligner.py) or point at another run') from None
+    return read_torch(path, 'it was not written completely or is damaged: train the aligner again '
+                            '(python train_aligner.py) or point at another run')
 
 
 def load_aligner(path, dev, text=True):

@@ -321,7 +321,7 @@ def export_dit(model, folder, dtype=None, max_shard_bytes=10 * 10**9, sd=None):
         size += n
     names = [WEIGHTS] if len(shards) == 1 else \
         [f'diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))]
-    tmp, old = folder + '.tmp', folder + '.old'
+    tmp = folder + '.tmp'
     shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted export
     os.makedirs(tmp)
     try:
@@ -338,8 +338,15 @@ def export_dit(model, folder, dtype=None, max_shard_bytes=10 * 10**9, sd=None):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _replace_folder(tmp, folder)
+
+
+def _replace_folder(tmp, folder):
+    """Put the finished folder tmp in folder's place; a crash between the renames leaves the previous one whole at
+    folder.old."""
+    old = folder + '.old'
     shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(folder):  # a crash between the renames leaves the previous export whole at folder.old
+    if os.path.exists(folder):
         os.rename(folder, old)
     os.rename(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
@@ -363,23 +370,27 @@ def save_sharded(folder, state, meta):
     """A resumable training checkpoint: `state` (nested dicts of possibly sharded tensors) written by every rank
     with torch.distributed.checkpoint, `meta` (small, the same on every rank) by rank 0 as meta.pt. Written as
     folder.tmp and renamed, so folder always holds a whole checkpoint. DCP reshards on load: any world size."""
-    tmp, old, first = folder + '.tmp', folder + '.old', dist.get_rank() == 0
+    tmp, first = folder + '.tmp', dist.get_rank() == 0
     if first:
         shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
     dist.barrier()
     dcp.save(state, checkpoint_id=tmp)  # returns on every rank once rank 0 has written the metadata
     if first:
         torch.save(meta, os.path.join(tmp, 'meta.pt'))
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(folder):  # a crash between the renames leaves the previous checkpoint whole at folder.old
-            os.rename(folder, old)
-        os.rename(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        _replace_folder(tmp, folder)
     dist.barrier()
 
 
 UNREADABLE = ('it was not written completely or is damaged: resume from another checkpoint of the run '
               '(--resume_ckpt=ckpt-<iter>) or train again')
+
+
+def read_torch(path, fix):
+    """torch.load of one of our own files, or one sentence naming it and the fix."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as err:  # a truncated or damaged file fails deep inside the unpickler
+        raise SystemExit(f'{path} cannot be read ({type(err).__name__}: {err}); {fix}') from None
 
 
 def run_meta(folder):
@@ -388,10 +399,7 @@ def run_meta(folder):
     if not os.path.exists(path):
         raise SystemExit(f'{folder} is not a finished checkpoint (no meta.pt): train first (python train_dit.py) or '
                          f'point at a run folder')
-    try:
-        return torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as err:  # a truncated or damaged file fails deep inside the unpickler
-        raise SystemExit(f'{path} cannot be read ({type(err).__name__}: {err}); {UNREADABLE}') from None
+    return read_torch(path, UNREADABLE)
 
 
 def read_sharded(state, folder):
@@ -408,7 +416,9 @@ def read_sharded(state, folder):
 def load_run_dit(folder, device='cpu'):
     """The consolidated DiT of a train_dit.py checkpoint folder (out_dir/ckpt), at any world size, with its meta."""
     meta = run_meta(folder)
-    dit = WanModel(**meta['arch'])
+    with torch.device('meta'):  # no random init of weights that the checkpoint overwrites
+        dit = WanModel(**meta['arch'])
+    dit.to_empty(device='cpu')
     sd = {f'dit.{k}': v for k, v in dit.state_dict().items()}
     read_sharded({'model': sd}, folder)
     return dit.to(device), meta

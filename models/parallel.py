@@ -31,9 +31,7 @@ def init(sp=1, device='auto', heads=None):
     if heads is not None and heads % sp:
         raise SystemExit(f'sp={sp} does not divide the {heads} attention heads of this DiT: Ulysses gives each sp '
                          f'rank heads/sp heads (pick sp among {[d for d in range(1, heads + 1) if heads % d == 0]})')
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    dev = torch.device(f'cuda:{local}' if device == 'cuda' else device)  # one GPU per process
+    dev = pick_device(device, local)
     if dev.type == 'cuda':
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
@@ -44,6 +42,13 @@ def init(sp=1, device='auto', heads=None):
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh(dev.type, (world // sp, sp), mesh_dim_names=('dp', 'sp'))
     return mesh, dev
+
+
+def pick_device(device='auto', local=0):
+    """auto = cuda when available, else cpu; 'cuda' means this process's GPU (LOCAL_RANK under torchrun)."""
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    return torch.device(f'cuda:{local}' if device == 'cuda' else device)
 
 
 def close():
