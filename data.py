@@ -226,7 +226,7 @@ def _background(rng, size):
     yy, xx = np.mgrid[:size, :size]
     tone, lo = [('dark', 60), ('light', 140)][rng.integers(2)]
     lo = lo + rng.integers(0, 30)
-    cell = max(2, int(size * rng.uniform(0.04, 0.12)))
+    cell = max(2, int(size * rng.uniform(0.12, 0.25)))  # a texture cell spans a DiT token or more at 32 px
     kind = rng.choice(['checkered floor', 'striped wall', 'speckled floor'])
     if kind == 'checkered floor':
         pat = ((yy // cell + xx // cell) % 2).astype(np.float32)
@@ -235,7 +235,7 @@ def _background(rng, size):
     else:
         k = max(2, size // cell)
         pat = rng.random((k, k)).astype(np.float32)[yy * k // size, xx * k // size]
-    img = (lo + pat * rng.uniform(20, 40)).round().astype(np.uint8)
+    img = (lo + pat * rng.uniform(12, 24)).round().astype(np.uint8)
     return np.repeat(img[..., None], 3, -1), f"a {tone} grey {kind}"
 
 def _render(rng, frames, size):
@@ -243,13 +243,13 @@ def _render(rng, frames, size):
     bg, bg_caption = _background(rng, size)
     c = np.arange(size) + 0.5  # pixel centres, so masks are exactly the painted pixels
     t = np.linspace(0, 1, frames)[:, None, None]
-    k = rng.integers(1, 4)
+    k = rng.integers(1, 3)
     colours = rng.choice(list(COLOURS), k, replace=False)  # distinct colours keep captions unambiguous
     video = np.broadcast_to(bg, (frames, size, size, 3)).copy()
     inside, ents, moves = [], [], []
     for colour in colours:
         shape, move = rng.choice(SHAPES), rng.choice(list(MOVES))
-        r = rng.uniform(0.08, 0.16) * size
+        r = rng.uniform(0.14, 0.22) * size  # 9-14 px wide at 32 px: 2-4 DiT tokens
         room = size - 2 * r
         travel = rng.uniform(0.4, 0.9) * room  # straight line that stays inside the frame: caption stays true
         along = r + rng.uniform(0, room - travel) + travel * t
@@ -275,7 +275,7 @@ def _render(rng, frames, size):
         covered |= inside[i]
     return video, np.stack(masks), ents, moves, bg_caption
 
-def make_shapes(root, n_train=64, n_val=8, frames=33, size=128, fps=8, seed=0):
+def make_shapes(root, n_train=256, n_val=16, frames=33, size=128, fps=8, seed=0):
     """Render a deterministic toy dataset into root (train.jsonl, val.jsonl, clips/, masks/,
     tokenizer.json, meta.json). train.jsonl is written last: its presence means 'complete'."""
     from models.t5 import build_tokenizer

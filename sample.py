@@ -40,7 +40,7 @@ image = ''                     # first frame for image-to-video (i2v-a14b, or ti
 out = ''                       # mp4 path ('' = out_dir/sample.mp4 or sample.mp4); with prompts a folder ('' = samples)
 solver = 'unipc'               # unipc (the official default) | euler
 steps = 0                      # denoising steps; 0 = the model's default
-shift = 0.0                    # sigma = shift*s / (1 + (shift-1)*s); 0 = the model's default
+shift = 0.0                    # sigma = shift*s / (1 + (shift-1)*s); 0 = the model's default (a run's: its training shift)
 guidance = 0.0                 # classifier-free guidance scale for both A14B experts; 0 = the model's default
 size = ''                      # 'W*H'; '' = the model's default (image-to-video: its area, the image's aspect)
 frames = 0                     # pixel frames (1 + 4k); 0 = the model's default
@@ -49,6 +49,7 @@ high = ''                      # A14B: a train_dit.py run or a DiT folder replac
 low = ''                       # A14B: the same for the low-noise expert
 t5_cpu = False                 # run umT5 on the CPU (the official --t5_cpu); by default it runs on the GPU, as officially
 offload = True                 # keep the idle A14B expert on the CPU, so one GPU holds the active one
+ema = True                     # a run that kept an EMA of its weights is sampled with it (False = the trained weights)
 dtype = ''                     # DiT weights: '' = as stored (official fp32, bf16 autocast) | bfloat16 (half memory)
 device = 'auto'                # auto = cuda when available, else cpu
 
@@ -110,7 +111,7 @@ def load_expert(folder, device):
     """A DiT folder (official or diffusers layout) or a train_dit.py run folder, in the file's dtype unless `dtype`."""
     want = getattr(torch, dtype) if dtype else None
     if os.path.isdir(os.path.join(folder, 'ckpt')):
-        dit = load_run_dit(os.path.join(folder, 'ckpt'))[0].to(device, want)
+        dit = load_run_dit(os.path.join(folder, 'ckpt'), ema=ema)[0].to(device, want)
     else:
         dit = load_dit(folder, device, want)
     return dit.eval().requires_grad_(False)
@@ -138,7 +139,7 @@ def load_run(dev):
     ckpt_path = os.path.join(out_dir, 'ckpt')
     if not os.path.isdir(ckpt_path):
         raise SystemExit(f'{ckpt_path} does not exist: train first (python train_dit.py) or point --out_dir at a run')
-    dit, meta = load_run_dit(ckpt_path)
+    dit, meta = load_run_dit(ckpt_path, ema=ema)
     run = meta['config']
     if run['ckpt_dir']:
         t5, tok, codec = load_text_and_vae(run['ckpt_dir'], dit.out_dim, 'cpu' if t5_cpu else dev, dev)
@@ -146,8 +147,8 @@ def load_run(dev):
         t5 = T5Encoder(**t5_configs['debug'])
         load_state_dict(t5, meta['t5'], ckpt_path + '/meta.pt (t5)')
         t5, tok, codec = t5.to(dev).eval(), Tokenizer(os.path.join(out_dir, 'tokenizer.json')), load_codec('pixel')
-    d = dict(frames=run['frames'], fps=meta['fps'], size=f"{run['width']}*{run['height']}", steps=50, shift=3.0,
-             guidance=(4.0, 4.0))
+    d = dict(frames=run['frames'], fps=meta['fps'], size=f"{run['width']}*{run['height']}", steps=50,
+             shift=run['shift'], guidance=(4.0, 4.0))  # the sigma shift it trained with
     return {'single': dit.to(dev).eval()}, t5, tok, codec, d
 
 

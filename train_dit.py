@@ -48,17 +48,20 @@ batch_size = 8                 # clips per iteration per data-parallel rank (and
 grad_accum = 1                 # accumulation steps: global batch = batch_size x dp x grad_accum
 sp = 1                         # sequence-parallel ranks per clip (Ulysses); dp = world size / sp
 checkpointing = 'auto'         # recompute each DiT block in backward: auto (on with CUDA) | on | off
-frames = 17                    # pixel frames per clip, 1 + 4k
+frames = 9                     # pixel frames per clip, 1 + 4k
 height = 32                    # clip height after resize and centre crop
 width = 32                     # clip width after resize and centre crop
-frame_stride = 2               # take every n-th frame of the source clip
-max_iters = 400                # total training iterations
+frame_stride = 4               # take every n-th frame of the source clip
+max_iters = 1200               # total training iterations
 learning_rate = 2e-3           # peak AdamW learning rate (constant after warmup)
 warmup_iters = 50              # linear learning-rate warmup
 weight_decay = 0.0             # AdamW weight decay
 grad_clip = 1.0                # clip the gradient norm to this (0 = off)
+ema_decay = 0.99               # EMA of the DiT weights, saved with the run and sampled by default (0 = off); the
+                               # decay ramps up as (1 + iter) / (10 + iter) so the first iterations do not linger
 t_range = (0.0, 1.0)           # sigma range after the shift, e.g. (0.875, 1.0) for the high-noise A14B expert
-shift = 1.0                    # sigma = shift*u / (1 + (shift-1)*u) for u uniform in the range
+shift = 5.0                    # sigma = shift*u / (1 + (shift-1)*u) for u uniform in the range: > 1 trains more
+                               # at high noise, where a video's layout is decided (Wan samples with 5)
 caption_dropout = 0.1          # share of empty captions, so that classifier-free guidance works
 route = 'none'                 # TRD: none (SFT) | uniform (VideoREPA) | motion (ours: motion-weighted) | or (SARA) | and | xor
 aligner_ckpt = 'out/aligner/ckpt.pt'  # Stage 1 run: its saliency for or/and/xor and, when it exists, its V-JEPA
@@ -72,7 +75,7 @@ trd_block = 256                # TRD row-block size: memory O(N x block), under 
 vjepa_model = 'debug'          # V-JEPA variant (models/vjepa.py configs) when there is no aligner run ('debug' = random)
 vjepa_ckpt = ''                # official V-JEPA .pt file ('' only for vjepa_model=debug)
 log_interval = 25              # iterations between log lines (the loss is their mean over iterations and ranks)
-ckpt_interval = 200            # iterations between checkpoints out_dir/ckpt-<iter> (one is always written at the end)
+ckpt_interval = 400            # iterations between checkpoints out_dir/ckpt-<iter> (one is always written at the end)
 keep_last = 2                  # checkpoints kept; out_dir/ckpt links to the newest complete one
 init_from = 'scratch'          # scratch | resume (out_dir/ckpt) | a run folder | an official or diffusers DiT folder
 resume_ckpt = ''               # with init_from=resume: a checkpoint of out_dir to resume instead (e.g. ckpt-000200)
@@ -272,6 +275,12 @@ def main():
             state = {'model': model_sd, 'optim': optim_sd}
             read_sharded(state, run)
             set_state_dict(trainable, opt, model_state_dict=state['model'], optim_state_dict=state['optim'])
+    # the EMA: fp32 copies of this rank's DiT shards (no communication), under the checkpoint's 'model' key names
+    ema = {f'dit.{k}': p.detach().clone() for k, p in dit.named_parameters()} if ema_decay else {}
+    if meta is not None and ema:
+        if not meta['config'].get('ema_decay'):
+            raise SystemExit(f"{run} has no EMA weights (trained with ema_decay=0): resume it with --ema_decay=0")
+        read_sharded({'ema': ema}, run)
     if meta is not None:
         loader.load_state_dict(meta['loader'])
         it = meta['iter']
@@ -284,7 +293,7 @@ def main():
         """out_dir/ckpt-<iter>, then out_dir/ckpt re-pointed at it, then all but the newest keep_last removed."""
         model_sd, optim_sd = get_state_dict(trainable, opt)
         name = f'ckpt-{it:06d}'
-        save_sharded(os.path.join(out_dir, name), {'model': model_sd, 'optim': optim_sd},
+        save_sharded(os.path.join(out_dir, name), {'model': model_sd, 'optim': optim_sd, **({'ema': ema} if ema else {})},
                      {'iter': it, 'loader': loader.state_dict(), 'global_batch': global_batch, 'config': cfg,
                       'arch': arch, 'fps': fps, 'world': world, **({} if ckpt_dir else {'t5': t5.state_dict()})})
         if master:
@@ -356,6 +365,9 @@ def main():
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if ema:
+            torch._foreach_lerp_(list(ema.values()), [p.detach() for p in dit.parameters()],
+                                 1 - min(ema_decay, (1 + it) / (10 + it)))
         it += 1
         n_logged += 1
         if it % log_interval == 0 or it == max_iters:
@@ -383,12 +395,16 @@ def main():
             sums, t0, n_logged, tokens_done = torch.zeros(2), time.time(), 0, 0
         if it % ckpt_interval == 0 or it == max_iters:
             save()
-    if export_dir:  # consolidated on rank 0's host memory, one tensor at a time over the network
+    if export_dir:  # consolidated on rank 0's host memory, one tensor at a time over the network; the EMA when on
+        if ema:
+            for p, e in zip(dit.parameters(), ema.values()):
+                p.data.copy_(e)
         sd = get_model_state_dict(dit, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if master:
             export_dit(dit, export_dir, sd=sd)
     if master:
-        print(f'done: {ckpt_path}' + (f', exported to {export_dir}' if export_dir else ''), flush=True)
+        print(f'done: {ckpt_path}' + (f', exported to {export_dir}' + (' (EMA weights)' if ema else '')
+                                      if export_dir else ''), flush=True)
     parallel.close()
 
 

@@ -413,12 +413,13 @@ def read_sharded(state, folder):
         raise SystemExit(f'{folder} cannot be read ({why}); {UNREADABLE}') from None
 
 
-def load_run_dit(folder, device='cpu'):
-    """The consolidated DiT of a train_dit.py checkpoint folder (out_dir/ckpt), at any world size, with its meta."""
+def load_run_dit(folder, device='cpu', ema=True):
+    """The consolidated DiT of a train_dit.py checkpoint folder (out_dir/ckpt), at any world size, with its meta:
+    its EMA weights when the run kept them and `ema`, else the trained weights."""
     meta = run_meta(folder)
     with torch.device('meta'):  # no random init of weights that the checkpoint overwrites
         dit = WanModel(**meta['arch'])
     dit.to_empty(device='cpu')
     sd = {f'dit.{k}': v for k, v in dit.state_dict().items()}
-    read_sharded({'model': sd}, folder)
+    read_sharded({'ema' if ema and meta['config'].get('ema_decay') else 'model': sd}, folder)
     return dit.to(device), meta

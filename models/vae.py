@@ -315,11 +315,14 @@ def vae_config(shapes):
 
 
 class PixelCodec:
-    """[B, 3, 1+4k, H, W] in [-1, 1] <-> [B, 48, 1+k, H/2, W/2]: each latent pixel stacks 4 frames x 2x2 pixels x RGB,
-    frame 0 repeated to fill its group. 48 channels (as the Wan2.2 VAE) keep a 2x2-patch token at 192 values, so a
-    narrow debug DiT's head can still express the noise it has to remove."""
+    """[B, 3, 1+4k, H, W] in [-1, 1] <-> [B, 48, 1+k, H/2, W/2]: each latent pixel stacks 4 frames x 2x2 pixels x RGB
+    (times `scale`), frame 0 repeated to fill its group. 48 channels (as the Wan2.2 VAE) keep a 2x2-patch token at
+    192 values, so a narrow debug DiT's head can still express the noise it has to remove. Unscaled, the clips'
+    variance (0.1) is a tenth of the noise's, the velocity target is mostly noise, and a debug DiT learns to pass
+    the noise through rather than the picture (its x0 estimate at sigma 1 was worse than the mean image)."""
     stride = (4, 2, 2)
     z_dim = 3 * 4 * 2 * 2
+    scale = 3.0  # toy-clip pixels have std 0.34: x3 gives latents of about unit variance, as the VAE's normalised ones
 
     def encode(self, video):
         B, C, F, H, W = video.shape
@@ -327,11 +330,11 @@ class PixelCodec:
             raise ValueError(f'pixel codec needs 1+4k frames and even sides, got {F} frames of {H}x{W}')
         x = torch.cat([video[:, :, :1].expand(-1, -1, 4, -1, -1), video[:, :, 1:]], dim=2)
         x = x.view(B, C, F // 4 + 1, 4, H // 2, 2, W // 2, 2)
-        return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(B, self.z_dim, F // 4 + 1, H // 2, W // 2)
+        return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(B, self.z_dim, F // 4 + 1, H // 2, W // 2) * self.scale
 
     def decode(self, z):
         B, _, T, h, w = z.shape
-        x = z.view(B, 3, 4, 2, 2, T, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(B, 3, T * 4, h * 2, w * 2)
+        x = (z / self.scale).view(B, 3, 4, 2, 2, T, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(B, 3, T * 4, h * 2, w * 2)
         return torch.cat([x[:, :, :4].mean(2, keepdim=True), x[:, :, 4:]], dim=2)  # frame 0's group: 4 copies
 
 
