@@ -33,6 +33,7 @@ runs = ''                      # comma-separated train_dit.py runs: each samples
 seeds = 2                      # samples per caption and run (sample.py seeds index i with seed + i)
 steps = 0                      # sampling steps for runs (0 = sample.py's default)
 size = ''                      # sampling size 'W*H' for runs ('' = the run's clip size)
+guidance = 0.0                 # classifier-free guidance for runs (0 = sample.py's default for a run)
 
 cfg = configure(globals(), __file__)
 
@@ -146,7 +147,8 @@ def sample_run(folder, captions):
         f.write(''.join(c + '\n' for c in captions))
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sample.py'), f'--out_dir={folder}',
            f'--prompts={where}/prompts.txt', f'--samples={seeds}', f'--out={where}',
-           *([f'--steps={steps}'] if steps else []), *([f'--size={size}'] if size else [])]
+           *([f'--steps={steps}'] if steps else []), *([f'--size={size}'] if size else []),
+           *([f'--guidance={guidance}'] if guidance else [])]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         raise ValueError(f"sampling {folder} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")

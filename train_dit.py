@@ -51,7 +51,8 @@ checkpointing = 'auto'         # recompute each DiT block in backward: auto (on 
 frames = 9                     # pixel frames per clip, 1 + 4k
 height = 32                    # clip height after resize and centre crop
 width = 32                     # clip width after resize and centre crop
-frame_stride = 4               # take every n-th frame of the source clip
+frame_stride = 1               # take every n-th frame of the source clip (toy: more motion per 4-frame latent was
+                               # harder to learn: judge score 0.27 at stride 2 vs 0.31 at 1 after 1,000 iterations)
 max_iters = 1200               # total training iterations
 learning_rate = 2e-3           # peak AdamW learning rate (constant after warmup)
 warmup_iters = 50              # linear learning-rate warmup
