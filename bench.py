@@ -28,8 +28,8 @@ from models.wan import WanModel, configs as wan_configs, flash_attn_func, rope_t
 model = 'debug'                # DiT config, a key of models/wan.py configs
 blocks = 0                     # use only the first N blocks (0 = all): real models whose whole DiT does not fit
 frames = 9                     # pixel frames (1 + 4k); with height/width they give the latent grid via the codec stride
-height = 96                    # pixel height (a multiple of the codec stride x 2)
-width = 96                     # pixel width
+height = 64                    # pixel height (a multiple of the codec stride x 2)
+width = 64                     # pixel width
 tokens = 0                     # > 0: use this many DiT tokens per clip instead of frames/height/width
 batch_size = 1                 # clips per step
 checkpointing = 'auto'         # recompute each DiT block in backward: auto (on with CUDA, as the trainer) | on | off
@@ -50,6 +50,7 @@ route = 'or'                   # planner: TRD route (none = no V-JEPA, no projec
 vjepa_model = 'vitg'           # planner: V-JEPA variant resident with a route (models/vjepa.py configs)
 amp = 'auto'                   # bf16 autocast on fp32 weights: auto (on, as on a GPU; off when measure runs on the CPU,
                                # which trains in fp32) | on | off
+amp_cache = True               # planner: autocast's cache of bf16 weight casts, as train_dit.py (False: cache_enabled=False)
 measure = False                # planner: also run the same config for real at world 1 and print measured vs estimated
 device = 'auto'                # auto = cuda when available, else cpu
 seed = 0                       # seeds weights and inputs
@@ -57,7 +58,7 @@ seed = 0                       # seeds weights and inputs
 cfg = configure(globals(), __file__, None if __name__ == '__main__' else [])  # imported (tests): the defaults
 
 GIB = 2 ** 30
-GPUS = {'80 GB (A100/H100)': 80e9, '141 GB (H200)': 141e9}
+GPUS = {'80 GB (A100/H100)': 79.6 * GIB, '141 GB (H200)': 139.8 * GIB}  # what the driver reports as total
 RESERVED = 4 * GIB   # CUDA context, NCCL buffers, allocator fragmentation: not tracked; kept free in 'fits'
 T5_XXL_PARAMS = 5_680_910_336                                  # bf16, sharded over all ranks by the trainer
 VAE_PARAMS = {48: 704_688_668, 16: 126_892_531}                # fp32, replicated: Wan2.2 VAE (z 48), Wan2.1 (z 16)
@@ -93,7 +94,7 @@ def factor_grid(n):
     return best[1]
 
 
-def token_grid(name, n_tokens=0, n_frames=9, h=96, w=96, sp_=1):
+def token_grid(name, n_tokens=0, n_frames=9, h=64, w=64, sp_=1):
     """The DiT token grid (f, h, w) of one clip, for this rank's 1/sp of the tokens (padded up to a multiple of sp)."""
     if n_tokens:
         return factor_grid(-(-n_tokens // sp_))
@@ -124,24 +125,34 @@ def sync(dev):
         torch.cuda.synchronize(dev)
 
 
-def timed(fn, dev, n_warm=None, n=None):
-    """Mean seconds per call of fn after warmup (CUDA events on a GPU, perf_counter on the CPU)."""
-    n_warm, n = warmup if n_warm is None else n_warm, iters if n is None else n
-    for _ in range(n_warm):
-        fn()
+def once(fn, dev):
+    """Seconds of one call of fn (CUDA events on a GPU, perf_counter on the CPU)."""
     sync(dev)
     if dev.type == 'cuda':
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(n):
-            fn()
+        fn()
         end.record()
         torch.cuda.synchronize(dev)
-        return start.elapsed_time(end) / 1000 / n
+        return start.elapsed_time(end) / 1000
     t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t0) / n
+    fn()
+    return time.perf_counter() - t0
+
+
+def timed(*fns, dev, n_warm=None, n=None):
+    """Median seconds per call of each fn after warmup. Several fns are interleaved call by call, so that a machine
+    whose load changes (a shared CPU) slows them alike and their ratio stays fair."""
+    n_warm, n = warmup if n_warm is None else n_warm, iters if n is None else n
+    for _ in range(n_warm):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(max(1, n)):
+        for fn, ts in zip(fns, times):
+            ts.append(once(fn, dev))
+    out = [sorted(ts)[len(ts) // 2] for ts in times]
+    return out if len(fns) > 1 else out[0]
 
 
 def cpu_peak(fn):
@@ -179,7 +190,7 @@ def matmul_peak(dev):
     dtype = torch.bfloat16 if dev.type == 'cuda' else torch.float32
     a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
     reps = 20 if dev.type == 'cuda' else 2
-    s = timed(lambda: a @ b, dev, n_warm=2, n=reps)
+    s = timed(lambda: a @ b, dev=dev, n_warm=2, n=reps)
     return 2 * n ** 3 / s, f'{"bf16" if dtype == torch.bfloat16 else "fp32"} {n}x{n} matmul'
 
 
@@ -257,7 +268,8 @@ def build_step(arch, grid, dev, B, amp, ckpt, use_opt, mesh):
     fully_shard(dit, mesh=mesh)
     opt = torch.optim.AdamW(dit.parameters(), lr=1e-5, betas=(0.9, 0.99), foreach=False) if use_opt else None
     x, t, ctx, target = inputs(arch, grid, dev, B)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    autocast = (torch.autocast(dev.type, dtype=torch.bfloat16, cache_enabled=amp_cache) if amp
+                else contextlib.nullcontext())
 
     def step():
         with autocast:
@@ -332,7 +344,7 @@ def fmt_rate(r):
 
 
 def fmt_gib(b):
-    return f'{b / GIB:.2f} GiB' if b >= GIB / 100 else f'{b / 2 ** 20:.1f} MiB'
+    return f'{b / GIB:.2f} GiB' if b >= GIB else f'{b / 2 ** 20:.1f} MiB'
 
 
 def main_plan(dev):
@@ -351,8 +363,9 @@ def main_plan(dev):
     total = peak + sum(enc.values())
     n_params = sum(p.numel() for p in _meta(arch).parameters())
     part = f' ({arch["num_layers"]} blocks)' if blocks else ''
-    print(f'memory plan: {model}{part}, '
-          f'{n_params / 1e9:.2f}B params, {math.prod(full):,} tokens per clip, batch {batch_size}, world {world}, '
+    size = f'{n_params / 1e9:.2f}B' if n_params > 1e8 else f'{n_params / 1e6:.2f}M'
+    print(f'memory plan: {model}{part}, {size} params, '
+          f'{math.prod(full):,} tokens per clip, batch {batch_size}, world {world}, '
           f'sp {sp} (this rank: {math.prod(grid):,} tokens), checkpointing {"on" if ckpt else "off"}, '
           f'{"AdamW" if optimizer else "no optimizer"}, {"bf16 autocast" if use_amp else "fp32"}, '
           f'encoders {encoders}{f", route {route}" if encoders == "online" else ""}')
@@ -394,13 +407,13 @@ def main_bench(dev):
     grid = token_grid(model, tokens, frames, height, width)
     L, B = math.prod(grid), batch_size
     ckpt = checkpointing == 'on' or (checkpointing == 'auto' and dev.type == 'cuda')
-    amp = dev.type == 'cuda'
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    gpu = dev.type == 'cuda'  # bf16 autocast on fp32 weights, as the trainer
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if gpu else contextlib.nullcontext()
     rows = []  # (what, ours, reference, ratio or note)
     ours_attn, their_attn = attention_backends()
     print(f'bench: {model}, {arch["num_layers"]} of {wan_configs[model]["num_layers"]} blocks, grid {grid} = '
-          f'{L:,} tokens, batch {B}, {dev.type} ({torch.cuda.get_device_name(dev) if amp else "fp32"}'
-          f'{", bf16 autocast on fp32 weights" if amp else ""}), checkpointing {"on" if ckpt else "off"}, '
+          f'{L:,} tokens, batch {B}, {dev.type} ({torch.cuda.get_device_name(dev) if gpu else "fp32"}'
+          f'{", bf16 autocast on fp32 weights" if gpu else ""}), checkpointing {"on" if ckpt else "off"}, '
           f'torch {torch.__version__}', flush=True)
 
     peak, peak_what = matmul_peak(dev)
@@ -422,12 +435,33 @@ def main_bench(dev):
             m.zero_grad(set_to_none=True)
         return go
     ours_call = lambda m: m(x, t, ctx)
-    s_ours = timed(fwd_bwd(dit, ours_call), dev)
+    ref, note = None, ''
+    if diffusers:
+        try:
+            ref = diffusers_twin(dit, arch, dev).train()
+            if ckpt:
+                ref.enable_gradient_checkpointing()
+        except ImportError:
+            note = 'diffusers is not installed: reference skipped'
+    ref_call = lambda m: m(x, t, ctx, return_dict=False)[0]
+    if ref is not None:  # interleaved, call by call
+        s_ours, s_ref = timed(fwd_bwd(dit, ours_call), fwd_bwd(ref, ref_call), dev=dev)
+    else:
+        s_ours, s_ref = timed(fwd_bwd(dit, ours_call), dev=dev), None
+    weights = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
     _, mem_ours = peak_of(fwd_bwd(dit, ours_call), dev)
-    mem_ours += sum(p.numel() * p.element_size() for p in dit.parameters())  # weights were allocated before
-    mfu = flops / s_ours / peak
+    mem_ours += weights(dit)  # the weights were allocated before
+    mem_ref = err = None
     with torch.no_grad(), autocast:
         out_ours = dit(x, t, ctx).float()
+        if ref is not None:
+            out_ref = ref_call(ref).float()
+            err = ((out_ours - out_ref).abs().max() / out_ref.abs().max()).item()
+    if ref is not None:
+        _, mem_ref = peak_of(fwd_bwd(ref, ref_call), dev)
+        mem_ref += weights(ref)
+        del ref, out_ref
+    mfu = flops / s_ours / peak
 
     # one sampling step: a classifier-free guidance pair of forward passes and a UniPC update
     def sample_step():
@@ -435,25 +469,7 @@ def main_bench(dev):
         with torch.no_grad(), autocast:
             v_c, v_u = dit(x, t, ctx), dit(x, t, torch.zeros_like(ctx))
             return solver.step(v_u + 5.0 * (v_c - v_u), x)
-    s_sample = timed(sample_step, dev)
-
-    s_ref = mem_ref = err = None
-    note = ''
-    if diffusers:
-        try:
-            ref = diffusers_twin(dit, arch, dev).train()
-            if ckpt:
-                ref.enable_gradient_checkpointing()
-            ref_call = lambda m: m(x, t, ctx, return_dict=False)[0]
-            s_ref = timed(fwd_bwd(ref, ref_call), dev)
-            _, mem_ref = peak_of(fwd_bwd(ref, ref_call), dev)
-            mem_ref += sum(p.numel() * p.element_size() for p in ref.parameters())
-            with torch.no_grad(), autocast:
-                out_ref = ref_call(ref).float()
-            err = ((out_ours - out_ref).abs().max() / out_ref.abs().max()).item()
-            del ref
-        except ImportError:
-            note = 'diffusers is not installed: reference skipped'
+    s_sample = timed(sample_step, dev=dev)
     gc.collect()
 
     # TRD: blocked (models/trd.py) against the naive N x N loss, forward + backward, fp32 (as the trainer runs it)
@@ -473,12 +489,13 @@ def main_bench(dev):
         z.grad = None
     with torch.no_grad():
         lb, ln = trd_loss(z[None], y[None], w[None], route='or', block=trd_block).item(), naive_trd(z, y, w).item()
-    s_trd = timed(trd_blocked, dev)
-    _, m_trd = peak_of(trd_blocked, dev)
     s_naive = m_naive = None
     if N <= naive_max:
-        s_naive = timed(trd_naive, dev)
+        s_trd, s_naive = timed(trd_blocked, trd_naive, dev=dev)
         _, m_naive = peak_of(trd_naive, dev)
+    else:
+        s_trd = timed(trd_blocked, dev=dev)
+    _, m_trd = peak_of(trd_blocked, dev)
 
     ms = lambda s: f'{1000 * s:,.1f} ms'
     rows.append(('DiT forward+backward', ms(s_ours), ms(s_ref) if s_ref else '-',
@@ -502,7 +519,7 @@ def main_bench(dev):
     print(f'| {"":<{w1}} | {"ours":>{w2}} | {"diffusers":>{w3}} | note')
     for r in rows:
         print(f'| {r[0]:<{w1}} | {r[1]:>{w2}} | {r[2]:>{w3}} | {r[3]}')
-    if amp:  # the planner's estimate of the same step (our DiT, one GPU, no optimizer) beside the measured peak
+    if gpu:  # the planner's estimate of the same step (our DiT, one GPU, no optimizer) beside the measured peak
         del dit
         gc.collect()
         est, parts = plan_dit(arch, grid, 1, B, True, ckpt, False)
