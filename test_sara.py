@@ -2525,6 +2525,9 @@ def test_memory_plan_within_25_percent_of_a_real_cpu_run():
     ratio = float(re.search(r'tracker estimate / measured = ([\d.]+)', out).group(1))
     assert 0.75 <= ratio <= 1.25, ratio
     assert parts['Activation'] > 0.3 * sum(parts.values())  # the check is not just parameter counting
+    out, _ = plan_output('--world=1', '--measure=True', '--checkpointing=on', '--amp=on')  # as the trainer on a GPU
+    ratio = float(re.search(r'tracker estimate / measured = ([\d.]+)', out).group(1))
+    assert 0.75 <= ratio <= 1.25, ratio
     _, parts4 = plan_output('--world=4', '--checkpointing=off', '--amp=on')
     for k in ('Sharded Param', 'OptState'):
         assert abs(parts4[k] * 4 / parts[k] - 1) < 0.05, (k, parts4[k], parts[k])
