@@ -514,7 +514,7 @@ def main_bench(dev):
     _, m_trd = peak_of(trd_blocked, dev)
 
     ms = lambda s: f'{1000 * s:,.1f} ms'
-    rows.append(('DiT forward+backward', ms(s_ours), ms(s_ref) if s_ref else '-',
+    rows.append(('DiT forward+backward (reference: diffusers)', ms(s_ours), ms(s_ref) if s_ref else '-',
                  f'{s_ref / s_ours:.2f}x (diffusers / ours)' if s_ref else note))
     rows.append(('  model FLOPs per step', f'{flops:.3g}', f'{flops:.3g}', 'blocks\' matmuls x 3 (dit_flops)'))
     rows.append(('  achieved', fmt_rate(flops / s_ours), fmt_rate(flops / s_ref) if s_ref else '-', ''))
@@ -524,15 +524,15 @@ def main_bench(dev):
                  f'{mem_ref / mem_ours:.2f}x' if mem_ref else ''))
     rows.append(('  output max rel difference', '', f'{err:.1e}' if err is not None else '-', 'same weights and inputs'))
     rows.append(('attention backend', ours_attn, their_attn, ''))
-    rows.append((f'TRD fwd+bwd, N={N:,}, D={trd_dim} (ours vs naive N x N)', ms(s_trd), ms(s_naive) if s_naive else
-                 f'skipped (N > naive_max)', f'{s_naive / s_trd:.2f}x' if s_naive else ''))
+    rows.append((f'TRD fwd+bwd, N={N:,}, D={trd_dim} (reference: naive N x N)', ms(s_trd), ms(s_naive) if s_naive
+                 else 'skipped (N > naive_max)', f'{s_naive / s_trd:.2f}x (naive / ours)' if s_naive else ''))
     rows.append(('  TRD peak memory', fmt_gib(m_trd), fmt_gib(m_naive) if m_naive else '-',
                  f'{m_naive / m_trd:.1f}x; loss {lb:.6f} vs {ln:.6f}' if m_naive else ''))
     rows.append(('sampling step (cfg pair + UniPC update)', ms(s_sample), '-', 'ours only'))
     w1 = max(len(r[0]) for r in rows)
     w2 = max(len(r[1]) for r in rows + [('', 'ours')])
-    w3 = max(len(r[2]) for r in rows + [('', '', 'diffusers')])
-    print(f'| {"":<{w1}} | {"ours":>{w2}} | {"diffusers":>{w3}} | note')
+    w3 = max(len(r[2]) for r in rows + [('', '', 'reference')])
+    print(f'| {"":<{w1}} | {"ours":>{w2}} | {"reference":>{w3}} | note')
     for r in rows:
         print(f'| {r[0]:<{w1}} | {r[1]:>{w2}} | {r[2]:>{w3}} | {r[3]}')
     if gpu:  # the planner's estimate of the same step (our DiT, one GPU, no optimizer) beside the measured peak

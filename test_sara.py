@@ -2469,8 +2469,8 @@ def test_bench_prints_ours_diffusers_and_their_ratio():
     assert r.returncode == 0, r.stderr
     print(r.stdout)
     out = r.stdout
-    assert re.search(r'^\| +\| +ours \| +diffusers \| note', out, re.M)
-    ours, theirs, ratio = re.search(r'^\| DiT forward\+backward +\| +([\d,.]+) ms \| +([\d,.]+) ms \| ([\d.]+)x '
+    assert re.search(r'^\| +\| +ours \| +reference \| note', out, re.M)
+    ours, theirs, ratio = re.search(r'^\| DiT forward\+backward \(reference: diffusers\) +\| +([\d,.]+) ms \| +([\d,.]+) ms \| ([\d.]+)x '
                                     r'\(diffusers / ours\)', out, re.M).groups()
     ours, theirs = (float(v.replace(',', '')) for v in (ours, theirs))
     assert abs(float(ratio) - theirs / ours) < 0.01 + 0.01 * float(ratio)
