@@ -34,7 +34,7 @@ tokens = 0                     # > 0: use this many DiT tokens per clip instead 
 batch_size = 1                 # clips per step
 checkpointing = 'auto'         # recompute each DiT block in backward: auto (on with CUDA, as the trainer) | on | off
 warmup = 1                     # untimed iterations before each measurement
-iters = 3                      # timed iterations (the mean is reported)
+iters = 3                      # timed iterations (the median is reported)
 diffusers = True               # also time diffusers' WanTransformer3DModel (skipped, with a note, when not installed)
 trd_tokens = 0                 # TRD tokens N per clip; 0 = the DiT's tokens without latent frame 0 (as the trainer),
                                # at least 2048 so that small shapes still show the N x N cost
@@ -47,7 +47,7 @@ world = 8                      # planner: GPUs (FSDP2 shards parameters, gradien
 sp = 1                         # planner: sequence-parallel ranks per clip (each rank holds tokens / sp)
 optimizer = True               # planner: AdamW (two fp32 states per parameter) as the trainer
 encoders = 'online'            # planner: online (umT5-XXL, the VAE and with route the V-JEPA resident) | cached (none)
-route = 'or'                   # planner: TRD route (none = no V-JEPA, no projector); as train_dit.py
+route = 'or'                   # planner: TRD route as train_dit.py's (none = no V-JEPA, no projector); SARA's or by default
 vjepa_model = 'vitg'           # planner: V-JEPA variant resident with a route (models/vjepa.py configs)
 amp = 'auto'                   # bf16 autocast on fp32 weights: auto (on, as on a GPU; off when measure runs on the CPU,
                                # which trains in fp32) | on | off
@@ -551,12 +551,14 @@ def main():
     dev = pick_device(device)
     if dev.type == 'cuda':
         torch.cuda.set_device(dev)
+    t0 = time.time()
     if encoders not in ('online', 'cached'):
         raise SystemExit(f"encoders='{encoders}': choose online or cached")
     for name, v in (('checkpointing', checkpointing), ('amp', amp)):
         if v not in ('auto', 'on', 'off'):
             raise SystemExit(f"{name}='{v}': choose auto, on or off")
     main_plan(dev) if plan else main_bench(dev)
+    print(f'bench.py took {time.time() - t0:.0f} s')
 
 
 if __name__ == '__main__':
