@@ -2,7 +2,7 @@
 dtype; MFU against the bf16 matmul peak measured in the same run; TRD against a naive N x N loss; one sampling step;
 and a per-GPU memory planner (torch's FSDP2 memory tracker under a fake process group, no GPU needed).
 
-    python bench.py                                      # small shapes on the CPU, about a minute
+    python bench.py                                      # small shapes on the CPU, 1-3 minutes on 2 shared cores
     python bench.py --model=ti2v-5b --frames=121 --height=704 --width=1280 --blocks=10      # one GPU
     python bench.py --plan=True --model=t2v-a14b --frames=81 --height=720 --width=1280 --world=8 --sp=4
     python bench.py --plan=True --measure=True --model=debug --blocks=2 --world=1  # estimate, then run it for real
