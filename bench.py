@@ -1,0 +1,570 @@
+"""Speed and memory in one table: our DiT against diffusers' WanTransformer3DModel with the same weights, inputs and
+dtype; MFU against the bf16 matmul peak measured in the same run; TRD against a naive N x N loss; one sampling step;
+and a per-GPU memory planner (torch's FSDP2 memory tracker under a fake process group, no GPU needed).
+
+    python bench.py                                      # small shapes on the CPU, 1-3 minutes on 2 shared cores
+    python bench.py --model=ti2v-5b --frames=121 --height=704 --width=1280 --blocks=10      # one GPU
+    python bench.py --plan=True --model=t2v-a14b --frames=81 --height=720 --width=1280 --world=8 --sp=4
+    python bench.py --plan=True --measure=True --model=debug --blocks=2 --world=1  # estimate, then run it for real
+
+Model FLOPs are counted from the blocks' matmuls (see dit_flops); MFU = model FLOPs / step time / peak, where the
+peak is a big bf16 matmul timed here (on the CPU: fp32, the dtype the CPU runs). Recomputation under activation
+checkpointing is not counted as model FLOPs (the usual MFU convention), so checkpointing lowers MFU.
+"""
+import contextlib
+import gc
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from models.settings import configure, run
+from torch.distributed.device_mesh import init_device_mesh
+from models.trd import trd_loss
+from models.unipc import UniPC
+from models.wan import WanModel, configs as wan_configs, flash_attn_func, rope_table
+
+model = 'debug'                # DiT config, a key of models/wan.py configs
+blocks = 0                     # use only the first N blocks (0 = all): real models whose whole DiT does not fit
+frames = 9                     # pixel frames (1 + 4k); with height/width they give the latent grid via the codec stride
+height = 64                    # pixel height (a multiple of the codec stride x 2)
+width = 64                     # pixel width
+tokens = 0                     # > 0: use this many DiT tokens per clip instead of frames/height/width
+batch_size = 1                 # clips per step
+checkpointing = 'auto'         # recompute each DiT block in backward: auto (on with CUDA, as the trainer) | on | off
+warmup = 1                     # untimed iterations before each measurement
+iters = 3                      # timed iterations (the median is reported)
+diffusers = True               # also time diffusers' WanTransformer3DModel (skipped, with a note, when not installed)
+trd_tokens = 0                 # TRD tokens N per clip; 0 = the DiT's tokens without latent frame 0 (as the trainer),
+                               # at least 2048 so that small shapes still show the N x N cost
+trd_dim = 1024                 # TRD feature width D (V-JEPA ViT-L 1024, ViT-g 1408)
+trd_block = 256                # TRD row-block size
+naive_max = 32768              # run the naive N x N TRD only up to this N (it holds several N x N fp32 matrices)
+matmul_size = 8192             # side of the square matmul timed for the peak (CPU: capped at 2048)
+plan = False                   # memory planner: estimate the per-GPU peak of a training step instead of timing
+world = 8                      # planner: GPUs (FSDP2 shards parameters, gradients and AdamW states over all of them)
+sp = 1                         # planner: sequence-parallel ranks per clip (each rank holds tokens / sp)
+optimizer = True               # planner: AdamW (two fp32 states per parameter) as the trainer
+encoders = 'online'            # planner: online (umT5-XXL, the VAE and with route the V-JEPA resident) | cached (none)
+route = 'or'                   # planner: TRD route as train_dit.py's (none = no V-JEPA, no projector); SARA's or by default
+vjepa_model = 'vitg'           # planner: V-JEPA variant resident with a route (models/vjepa.py configs)
+amp = 'auto'                   # bf16 autocast on fp32 weights: auto (on, as on a GPU; off when measure runs on the CPU,
+                               # which trains in fp32) | on | off
+amp_cache = True               # planner: autocast's cache of bf16 weight casts, as train_dit.py (False: cache_enabled=False)
+measure = False                # planner: also run the same config for real at world 1 and print measured vs estimated
+device = 'auto'                # auto = cuda when available, else cpu
+seed = 0                       # seeds weights and inputs
+
+cfg = configure(globals(), __file__, None if __name__ == '__main__' else [])  # imported (tests): the defaults
+
+GIB = 2 ** 30
+GPUS = {'80 GB (A100/H100)': 79.6 * GIB, '141 GB (H200)': 139.8 * GIB}  # what the driver reports as total
+RESERVED = 4 * GIB   # CUDA context, NCCL buffers, allocator fragmentation: not tracked; kept free in 'fits'
+T5_XXL_PARAMS = 5_680_910_336                                  # bf16, sharded over all ranks by the trainer
+VAE_PARAMS = {48: 704_688_668, 16: 126_892_531}                # fp32, replicated: Wan2.2 VAE (z 48), Wan2.1 (z 16)
+STRIDE = {'ti2v': (4, 16, 16), 'debug': (4, 2, 2)}            # codec stride; the other models: Wan2.1 VAE (4, 8, 8)
+
+
+# ---------------------------------------------------------------------------------------------- shapes and FLOPs
+
+def arch_of(name, n_blocks=0):
+    if name not in wan_configs:
+        raise SystemExit(f"unknown model '{name}'; choose one of {', '.join(wan_configs)}")
+    arch = dict(wan_configs[name])
+    if n_blocks:
+        arch['num_layers'] = min(n_blocks, arch['num_layers'])
+    return arch
+
+
+def factor_grid(n):
+    """A (f, h, w) grid with f*h*w = n, every side <= 1024 (the RoPE tables), as close to a cube as divisors allow."""
+    best = None
+    for f in range(1, min(n, 1024) + 1):
+        if n % f:
+            continue
+        m = n // f
+        for h in range(1, min(m, 1024) + 1):
+            if m % h == 0 and m // h <= 1024:
+                sides = (f, h, m // h)
+                score = max(sides) / min(sides)
+                if best is None or score < best[0]:
+                    best = (score, sides)
+    if best is None:
+        raise SystemExit(f'tokens={n} has no (f, h, w) grid with sides <= 1024')
+    return best[1]
+
+
+def token_grid(name, n_tokens=0, n_frames=9, h=64, w=64, sp_=1):
+    """The DiT token grid (f, h, w) of one clip, for this rank's 1/sp of the tokens (padded up to a multiple of sp)."""
+    if n_tokens:
+        return factor_grid(-(-n_tokens // sp_))
+    st = STRIDE.get(wan_configs[name]['model_type'] if name != 'debug' else 'debug', (4, 8, 8))
+    if (n_frames - 1) % st[0] or h % (2 * st[1]) or w % (2 * st[2]):
+        raise SystemExit(f'frames={n_frames}, height={h}, width={w}: need frames = 1 + {st[0]}k and height/width '
+                         f'multiples of {2 * st[1]} for {name}')
+    grid = (1 + (n_frames - 1) // st[0], h // st[1] // 2, w // st[2] // 2)
+    return grid if sp_ == 1 else factor_grid(-(-math.prod(grid) // sp_))
+
+
+def dit_flops(arch, L, B=1):
+    """Model FLOPs of one forward + backward: 3 x the forward's matmuls in the blocks (2 FLOPs per multiply-add;
+    backward = 2 x forward). Per block and clip, with L tokens, T text rows, d = dim, f = ffn_dim:
+      self-attention q, k, v, o   4 * 2 L d^2       attention scores + values  2 * 2 L^2 d
+      cross-attention q, o        2 * 2 L d^2       cross k, v on the text     2 * 2 T d^2
+      cross scores + values       2 * 2 L T d       FFN                        2 * 2 L d f
+    Embeddings and head (< 1% at real sizes) and elementwise work are left out."""
+    d, f, T, n = arch['dim'], arch['ffn_dim'], arch.get('text_len', 512), arch['num_layers']
+    per_block = 8 * L * d * d + 4 * L * L * d + 4 * L * d * d + 4 * T * d * d + 4 * L * T * d + 4 * L * d * f
+    return 3 * B * n * per_block
+
+
+# ---------------------------------------------------------------------------------------------- timing helpers
+
+def sync(dev):
+    if dev.type == 'cuda':
+        torch.cuda.synchronize(dev)
+
+
+def once(fn, dev):
+    """Seconds of one call of fn (CUDA events on a GPU, perf_counter on the CPU)."""
+    sync(dev)
+    if dev.type == 'cuda':
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(dev)
+        return start.elapsed_time(end) / 1000
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def timed(*fns, dev, n_warm=None, n=None):
+    """Median seconds per call of each fn after warmup. Several fns are interleaved call by call, so that a machine
+    whose load changes (a shared CPU) slows them alike and their ratio stays fair."""
+    n_warm, n = warmup if n_warm is None else n_warm, iters if n is None else n
+    for _ in range(n_warm):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(max(1, n)):
+        for fn, ts in zip(fns, times):
+            ts.append(once(fn, dev))
+    out = [sorted(ts)[len(ts) // 2] for ts in times]
+    return out if len(fns) > 1 else out[0]
+
+
+def cpu_peak(fn):
+    """Peak of the running sum of CPU allocator events (bytes) while fn runs, from the profiler's raw events: the
+    allocator's own record, independent of any tensor bookkeeping of ours. Tensors alive before fn are not counted."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == '[memory]')
+    cur = peak = 0
+    for _, nbytes in events:
+        cur += nbytes
+        peak = max(peak, cur)
+    return peak
+
+
+def peak_of(fn, dev):
+    """(seconds of one call, peak bytes above what was allocated before it)."""
+    gc.collect()
+    if dev.type == 'cuda':
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        return time.perf_counter() - t0, torch.cuda.max_memory_allocated(dev) - base
+    t0 = time.perf_counter()
+    return None, cpu_peak(fn)
+
+
+def matmul_peak(dev):
+    """Measured dense matmul rate (FLOP/s): bf16 on a GPU, fp32 on the CPU."""
+    n = matmul_size if dev.type == 'cuda' else min(matmul_size, 2048)
+    dtype = torch.bfloat16 if dev.type == 'cuda' else torch.float32
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    reps = 20 if dev.type == 'cuda' else 2
+    s = timed(lambda: a @ b, dev=dev, n_warm=2, n=reps)
+    return 2 * n ** 3 / s, f'{"bf16" if dtype == torch.bfloat16 else "fp32"} {n}x{n} matmul'
+
+
+def attention_backends():
+    ours = 'SDPA'
+    if flash_attn_func is not None:
+        ours = {'flash_attn_interface': 'flash-attn 3', 'flash_attn': 'flash-attn 2'}.get(
+            flash_attn_func.__module__.split('.')[0], flash_attn_func.__module__) + ' (CUDA bf16), else SDPA'
+    try:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+        theirs = str(_AttentionBackendRegistry.get_active_backend()[0].value)
+        theirs = 'SDPA (native)' if theirs == 'native' else theirs
+    except Exception:
+        theirs = '-'
+    return ours, theirs
+
+
+# ---------------------------------------------------------------------------------------------- the models
+
+def diffusers_twin(ours, arch, dev):
+    """diffusers' WanTransformer3DModel of the same shape with our weights copied in (the parity tests' key map)."""
+    from diffusers import WanTransformer3DModel
+    from models.checkpoint import DIT_FROM_DIFFUSERS, rename
+    with torch.device(dev):
+        ref = WanTransformer3DModel(num_attention_heads=arch['num_heads'], attention_head_dim=arch['dim'] // arch['num_heads'],
+                                    in_channels=arch['in_dim'], out_channels=arch['out_dim'],
+                                    text_dim=arch.get('text_dim', 4096), freq_dim=256, ffn_dim=arch['ffn_dim'],
+                                    num_layers=arch['num_layers'], eps=1e-6)
+    theirs = ref.state_dict()
+    mine = ours.state_dict()
+    names = rename({k: k for k in theirs}, DIT_FROM_DIFFUSERS)  # our name -> diffusers name
+    ref.load_state_dict({names[k]: v for k, v in mine.items()}, strict=True)
+    return ref
+
+
+def inputs(arch, grid, dev, B):
+    g = torch.Generator(dev).manual_seed(seed)
+    f, h, w = grid
+    x = torch.randn(B, arch['in_dim'], f, 2 * h, 2 * w, generator=g, device=dev)
+    ctx = torch.randn(B, arch.get('text_len', 512), arch.get('text_dim', 4096), generator=g, device=dev)
+    ctx[:, 20:] = 0  # a zero-padded caption
+    t = torch.full((B,), 500.0, device=dev)
+    target = torch.randn(B, arch['out_dim'], f, 2 * h, 2 * w, generator=g, device=dev)
+    return x, t, ctx, target
+
+
+# ---------------------------------------------------------------------------------------------- memory planner
+
+def ckpt_overcount(arch, grid, B, parts, ckpt):
+    """What the tracker may over-count with per-block checkpointing: it keeps one [B, tokens, dim] fp32 tensor per
+    block alive through the backward that the allocator has freed (debug DiT, 12 blocks, 2048 tokens, on the CPU:
+    tracker 167 MiB, allocator 147 MiB = 10 such tensors fewer; without checkpointing both 686 MiB). It can only
+    matter when the peak is in the backward (a Temp share at the peak)."""
+    if not ckpt:
+        return 0
+    return min(parts.get('Temp', 0), arch['num_layers'] * B * math.prod(grid) * arch['dim'] * 4)
+
+
+def encoder_bytes(arch, n_world):
+    """Resident frozen encoders and the projector, analytic (they are not run by the tracker), per GPU."""
+    if encoders == 'cached' or model == 'debug':  # debug: toy encoders of a few MB
+        return {}
+    out = {'umT5-XXL (bf16, sharded)': T5_XXL_PARAMS * 2 / n_world,
+           'VAE (fp32, replicated)': VAE_PARAMS.get(arch['out_dim'], VAE_PARAMS[16]) * 4}
+    if route != 'none':
+        from models.vjepa import VJEPA, configs as vjepa_configs
+        with torch.device('meta'):
+            v = VJEPA(**vjepa_configs[vjepa_model])
+        out[f'V-JEPA {vjepa_model} (fp32, sharded)'] = sum(p.numel() for p in v.parameters()) * 4 / n_world
+        D = vjepa_configs[vjepa_model]['dim']
+        n_proj = arch['dim'] * 2048 + 2048 * 2048 + 2048 * D + 2 * 2048 + D  # proj_dim 2048, as train_dit.py
+        out['projector (fp32 + grads + AdamW, sharded)'] = n_proj * 16 / n_world
+    return out
+
+
+def build_step(arch, grid, dev, B, amp, ckpt, use_opt, mesh):
+    """Model (FSDP2 over mesh), optimizer, inputs and one training step, as train_dit.py runs it."""
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(seed)
+    with torch.device(dev):
+        dit = WanModel(**arch)
+    dit.train().checkpointing = ckpt
+    for blk in dit.blocks:
+        fully_shard(blk, mesh=mesh)
+    fully_shard(dit, mesh=mesh)
+    opt = torch.optim.AdamW(dit.parameters(), lr=1e-5, betas=(0.9, 0.99), foreach=False) if use_opt else None
+    x, t, ctx, target = inputs(arch, grid, dev, B)
+    autocast = (torch.autocast(dev.type, dtype=torch.bfloat16, cache_enabled=amp_cache) if amp
+                else contextlib.nullcontext())
+
+    def step():
+        with autocast:
+            loss = F.mse_loss(dit(x, t, ctx), target)
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            dit.zero_grad(set_to_none=True)
+    return dit, opt, (x, t, ctx, target), step
+
+
+def plan_dit(arch, grid, n_world, B, amp, ckpt, use_opt, n_iter=2, fake=True):
+    """Per-rank peak bytes of n_iter training steps, from FSDPMemTracker under FakeTensorMode and a fake process
+    group of n_world ranks (this process is rank 0). Returns (peak bytes, {category: bytes at the peak})."""
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    was = dist.is_initialized()
+    if not was:
+        dist.init_process_group('fake', store=FakeStore(), rank=0, world_size=n_world)
+    try:
+        mesh = init_device_mesh('cpu', (n_world,))  # outside fake mode: the mesh reads its rank table
+        with FakeTensorMode() if fake else contextlib.nullcontext():  # fake=False: real tensors, same tracker
+            dit, opt, batch, step = build_step(arch, grid, torch.device('cpu'), B, amp, ckpt, use_opt, mesh)
+            tracker = FSDPMemTracker(dit, opt)
+            tracker.track_inputs(batch)
+            with tracker:
+                for _ in range(n_iter):
+                    step()
+                    tracker.reset_mod_stats()  # per-module stats only; the peak is kept
+            snap = next(iter(tracker.get_tracker_snapshot('peak').values()))
+    finally:
+        rope_table.cache_clear()  # it cached fake tensors
+        if not was:
+            dist.destroy_process_group()
+    return snap['Total'], {getattr(k, 'value', k): v for k, v in snap.items() if k != 'Total' and v}
+
+
+def measure_dit(arch, grid, dev, B, amp, ckpt, use_opt, n_iter=2):
+    """The same steps for real in a 1-rank group (gloo on the CPU, nccl on a GPU): peak bytes allocated, counted from
+    an empty allocator (CUDA: max_memory_allocated; CPU: the profiler's allocator events over build + steps)."""
+    import torch.distributed as dist
+    was = dist.is_initialized()
+    if not was:
+        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo', store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh(dev.type, (1,))
+
+        def go():
+            dit, opt, batch, step = build_step(arch, grid, dev, B, amp, ckpt, use_opt, mesh)
+            for _ in range(n_iter):
+                step()
+        if dev.type == 'cuda':
+            gc.collect()
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            go()
+            return torch.cuda.max_memory_allocated(dev) - base
+        return cpu_peak(go)
+    finally:
+        rope_table.cache_clear()
+        if not was:
+            dist.destroy_process_group()
+
+
+def fmt_rate(r):
+    return f'{r / 1e12:.1f} TFLOP/s' if r >= 1e12 else f'{r / 1e9:.1f} GFLOP/s'
+
+
+def fmt_gib(b):
+    return f'{b / GIB:.2f} GiB' if b >= GIB else f'{b / 2 ** 20:.1f} MiB'
+
+
+def main_plan(dev):
+    arch = arch_of(model, blocks)
+    if world < 1 or sp < 1 or world % sp:
+        raise SystemExit(f'sp={sp} must divide world={world}')
+    if arch['num_heads'] % sp:
+        raise SystemExit(f"sp={sp} does not divide the {arch['num_heads']} heads of {model}")
+    ckpt = checkpointing == 'on' or checkpointing == 'auto'  # the planner plans for GPUs: auto = on, as the trainer
+    full = token_grid(model, tokens, frames, height, width)
+    grid = token_grid(model, math.prod(full) if sp > 1 else tokens, frames, height, width, sp)
+    use_amp = amp == 'on' or (amp == 'auto' and not (measure and dev.type == 'cpu'))
+    t0 = time.time()
+    peak, parts = plan_dit(arch, grid, world, batch_size, use_amp, ckpt, optimizer)
+    enc = encoder_bytes(arch, world)
+    total = peak + sum(enc.values())
+    n_params = sum(p.numel() for p in _meta(arch).parameters())
+    part = f' ({arch["num_layers"]} blocks)' if blocks else ''
+    size = f'{n_params / 1e9:.2f}B' if n_params > 1e8 else f'{n_params / 1e6:.2f}M'
+    print(f'memory plan: {model}{part}, {size} params, '
+          f'{math.prod(full):,} tokens per clip, batch {batch_size}, world {world}, '
+          f'sp {sp} (this rank: {math.prod(grid):,} tokens), checkpointing {"on" if ckpt else "off"}, '
+          f'{"AdamW" if optimizer else "no optimizer"}, {"bf16 autocast" if use_amp else "fp32"}, '
+          f'encoders {encoders}{f", route {route}" if encoders == "online" else ""}')
+    print(f'  DiT training step (FSDPMemTracker, fake {world}-rank group, FakeTensorMode, {time.time() - t0:.0f} s): '
+          f'peak {fmt_gib(peak)} = ' + ', '.join(f'{k} {fmt_gib(v)}' for k, v in parts.items()))
+    for k, v in enc.items():
+        print(f'  + {k}: {fmt_gib(v)} (analytic: weights only)')
+    print(f'  estimated peak per GPU: {fmt_gib(total)}; untracked: CUDA context, NCCL buffers, allocator '
+          f'fragmentation ({fmt_gib(RESERVED)} kept free below), the encoders\' transient activations (they run '
+          f'under no_grad before the DiT forward)')
+    over = ckpt_overcount(arch, grid, batch_size, parts, ckpt)
+    if over:
+        print(f'  the peak is in the backward, where with checkpointing the tracker may over-count up to '
+              f'{fmt_gib(over)} (one [tokens, dim] fp32 tensor per block, see ckpt_overcount): the peak lies in '
+              f'[{fmt_gib(total - over)}, {fmt_gib(total)}]; "fits" below uses the upper end')
+    for name, cap in GPUS.items():
+        print(f'  {name}: {"fits" if total + RESERVED <= cap else "does NOT fit"}')
+    if measure:
+        if world != 1 or sp != 1:
+            raise SystemExit('measure=True runs the config for real in one process: use --world=1 --sp=1')
+        real = measure_dit(arch, grid, dev, batch_size, use_amp, ckpt, optimizer)
+        print(f'  measured on {dev.type} (1-rank {"nccl" if dev.type == "cuda" else "gloo"} group, same steps): '
+              f'peak {fmt_gib(real)}; tracker estimate / measured = {peak / real:.3f}')
+    return peak, total
+
+
+def _meta(arch):
+    with torch.device('meta'):
+        return WanModel(**arch)
+
+
+# ---------------------------------------------------------------------------------------------- the benchmark
+
+def naive_trd(z, y, w, margin=0.1):
+    """The N x N reference: both Grams, the OR weights and the loss materialised (autograd keeps them)."""
+    zn, yn = F.normalize(z, dim=-1), F.normalize(y, dim=-1)
+    W = w[:, None] + w[None, :] - w[:, None] * w[None, :]
+    l = torch.relu((zn @ zn.T - yn @ yn.T).abs() - margin)
+    return (W * l).sum() / W.sum()
+
+
+def main_bench(dev):
+    arch = arch_of(model, blocks)
+    grid = token_grid(model, tokens, frames, height, width)
+    L, B = math.prod(grid), batch_size
+    ckpt = checkpointing == 'on' or (checkpointing == 'auto' and dev.type == 'cuda')
+    gpu = dev.type == 'cuda'  # bf16 autocast on fp32 weights, as the trainer
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if gpu else contextlib.nullcontext()
+    rows = []  # (what, ours, reference, ratio or note)
+    ours_attn, their_attn = attention_backends()
+    print(f'bench: {model}, {arch["num_layers"]} of {wan_configs[model]["num_layers"]} blocks, grid {grid} = '
+          f'{L:,} tokens, batch {B}, {dev.type} ({torch.cuda.get_device_name(dev) if gpu else "fp32"}'
+          f'{", bf16 autocast on fp32 weights" if gpu else ""}), checkpointing {"on" if ckpt else "off"}, '
+          f'torch {torch.__version__}', flush=True)
+
+    peak, peak_what = matmul_peak(dev)
+    flops = dit_flops(arch, L, B)
+    torch.manual_seed(seed)
+    with torch.device(dev):
+        dit = WanModel(**arch)
+    dit.init_weights()
+    with torch.no_grad():  # the official init zeroes the head: give every weight a value so every path is exercised
+        dit.head.head.weight.normal_(0, 0.02)
+    dit.train().checkpointing = ckpt
+    x, t, ctx, target = inputs(arch, grid, dev, B)
+
+    def fwd_bwd(m, call):
+        def go():
+            with autocast:
+                loss = F.mse_loss(call(m), target)
+            loss.backward()
+            m.zero_grad(set_to_none=True)
+        return go
+    ours_call = lambda m: m(x, t, ctx)
+    ref, note = None, ''
+    if diffusers:
+        try:
+            ref = diffusers_twin(dit, arch, dev).train()
+            if ckpt:
+                ref.enable_gradient_checkpointing()
+        except Exception as err:  # not installed, or a version that cannot build it: our rows still come out
+            note = f'diffusers reference skipped ({type(err).__name__}: {str(err)[:80]})'
+    ref_call = lambda m: m(x, t, ctx, return_dict=False)[0]
+    s_ref = mem_ref = err = None
+    if ref is not None:  # interleaved, call by call
+        try:
+            s_ours, s_ref = timed(fwd_bwd(dit, ours_call), fwd_bwd(ref, ref_call), dev=dev)
+        except Exception as e:
+            note, ref = f'diffusers reference failed ({type(e).__name__}: {str(e)[:80]})', None
+            dit.zero_grad(set_to_none=True)
+    if s_ref is None:
+        s_ours = timed(fwd_bwd(dit, ours_call), dev=dev)
+    weights = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
+    _, mem_ours = peak_of(fwd_bwd(dit, ours_call), dev)
+    mem_ours += weights(dit)  # the weights were allocated before
+    with torch.no_grad(), autocast:
+        out_ours = dit(x, t, ctx).float()
+        if ref is not None:
+            out_ref = ref_call(ref).float()
+            err = ((out_ours - out_ref).abs().max() / out_ref.abs().max()).item()
+            del out_ref
+    if ref is not None:
+        _, mem_ref = peak_of(fwd_bwd(ref, ref_call), dev)
+        mem_ref += weights(ref)
+    del ref
+    mfu = flops / s_ours / peak
+
+    # one sampling step: a classifier-free guidance pair of forward passes and a UniPC update
+    def sample_step():
+        solver = UniPC(50, 5.0)
+        with torch.no_grad(), autocast:
+            v_c, v_u = dit(x, t, ctx), dit(x, t, torch.zeros_like(ctx))
+            return solver.step(v_u + 5.0 * (v_c - v_u), x)
+    s_sample = timed(sample_step, dev=dev)
+    gc.collect()
+
+    # TRD: blocked (models/trd.py) against the naive N x N loss, forward + backward, fp32 (as the trainer runs it)
+    f0, h0, w0 = grid
+    N = trd_tokens or max(2048, max(1, f0 - 1) * h0 * w0)
+    g = torch.Generator(dev).manual_seed(seed)
+    z = torch.randn(N, trd_dim, generator=g, device=dev, requires_grad=True)
+    y = 0.5 * z.detach() + torch.randn(N, trd_dim, generator=g, device=dev)
+    w = torch.rand(N, generator=g, device=dev)
+
+    def trd_blocked():
+        trd_loss(z[None], y[None], w[None], route='or', block=trd_block).backward()
+        z.grad = None
+
+    def trd_naive():
+        naive_trd(z, y, w).backward()
+        z.grad = None
+    with torch.no_grad():
+        lb, ln = trd_loss(z[None], y[None], w[None], route='or', block=trd_block).item(), naive_trd(z, y, w).item()
+    s_naive = m_naive = None
+    if N <= naive_max:
+        s_trd, s_naive = timed(trd_blocked, trd_naive, dev=dev)
+        _, m_naive = peak_of(trd_naive, dev)
+    else:
+        s_trd = timed(trd_blocked, dev=dev)
+    _, m_trd = peak_of(trd_blocked, dev)
+
+    ms = lambda s: f'{1000 * s:,.1f} ms'
+    rows.append(('DiT forward+backward (reference: diffusers)', ms(s_ours), ms(s_ref) if s_ref else '-',
+                 f'{s_ref / s_ours:.2f}x (diffusers / ours)' if s_ref else note))
+    rows.append(('  model FLOPs per step', f'{flops:.3g}', f'{flops:.3g}', 'blocks\' matmuls x 3 (dit_flops)'))
+    rows.append(('  achieved', fmt_rate(flops / s_ours), fmt_rate(flops / s_ref) if s_ref else '-', ''))
+    rows.append((f'  MFU (peak {fmt_rate(peak)}, {peak_what})', f'{mfu:.1%}',
+                 f'{flops / s_ref / peak:.1%}' if s_ref else '-', 'measured in this run'))
+    rows.append(('  peak memory (weights + grads + activations)', fmt_gib(mem_ours), fmt_gib(mem_ref) if mem_ref else '-',
+                 f'{mem_ref / mem_ours:.2f}x' if mem_ref else ''))
+    rows.append(('  output max rel difference', '', f'{err:.1e}' if err is not None else '-', 'same weights and inputs'))
+    rows.append(('attention backend', ours_attn, their_attn, ''))
+    rows.append((f'TRD fwd+bwd, N={N:,}, D={trd_dim} (reference: naive N x N)', ms(s_trd), ms(s_naive) if s_naive
+                 else 'skipped (N > naive_max)', f'{s_naive / s_trd:.2f}x (naive / ours)' if s_naive else ''))
+    rows.append(('  TRD peak memory', fmt_gib(m_trd), fmt_gib(m_naive) if m_naive else '-',
+                 f'{m_naive / m_trd:.1f}x; loss {lb:.6f} vs {ln:.6f}' if m_naive else ''))
+    rows.append(('sampling step (cfg pair + UniPC update)', ms(s_sample), '-', 'ours only'))
+    w1 = max(len(r[0]) for r in rows)
+    w2 = max(len(r[1]) for r in rows + [('', 'ours')])
+    w3 = max(len(r[2]) for r in rows + [('', '', 'reference')])
+    print(f'| {"":<{w1}} | {"ours":>{w2}} | {"reference":>{w3}} | note')
+    for r in rows:
+        print(f'| {r[0]:<{w1}} | {r[1]:>{w2}} | {r[2]:>{w3}} | {r[3]}')
+    if gpu:  # the planner's estimate of the same step (our DiT, one GPU, no optimizer) beside the measured peak
+        del dit
+        gc.collect()
+        est, parts = plan_dit(arch, grid, 1, B, True, ckpt, False)
+        over = ckpt_overcount(arch, grid, B, parts, ckpt)
+        print(f'planner estimate for this step (ours, world 1, no optimizer): {fmt_gib(est)}'
+              + (f' (>= {fmt_gib(est - over)} without the checkpoint over-count)' if over else '') +
+              f' vs measured {fmt_gib(mem_ours)} (estimate / measured = {est / mem_ours:.2f}); at the estimate\'s '
+              f'peak: ' + ', '.join(f'{k} {fmt_gib(v)}' for k, v in parts.items()))
+
+
+def main():
+    from models.parallel import pick_device
+    dev = pick_device(device)
+    if dev.type == 'cuda':
+        torch.cuda.set_device(dev)
+    t0 = time.time()
+    if encoders not in ('online', 'cached'):
+        raise SystemExit(f"encoders='{encoders}': choose online or cached")
+    for name, v in (('checkpointing', checkpointing), ('amp', amp)):
+        if v not in ('auto', 'on', 'off'):
+            raise SystemExit(f"{name}='{v}': choose auto, on or off")
+    main_plan(dev) if plan else main_bench(dev)
+    print(f'bench.py took {time.time() - t0:.0f} s')
+
+
+if __name__ == '__main__':
+    run(main)
