@@ -51,7 +51,7 @@ route = 'or'                   # planner: TRD route as train_dit.py's (none = no
 vjepa_model = 'vitg'           # planner: V-JEPA variant resident with a route (models/vjepa.py configs)
 amp = 'auto'                   # bf16 autocast on fp32 weights: auto (on, as on a GPU; off when measure runs on the CPU,
                                # which trains in fp32) | on | off
-amp_cache = True               # planner: autocast's cache of bf16 weight casts, as train_dit.py (False: cache_enabled=False)
+amp_cache = False              # planner: autocast's cache of bf16 weight casts (train_dit.py turns it off; True: the default)
 measure = False                # planner: also run the same config for real at world 1 and print measured vs estimated
 device = 'auto'                # auto = cuda when available, else cpu
 seed = 0                       # seeds weights and inputs

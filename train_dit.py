@@ -286,7 +286,10 @@ def main():
         loader.load_state_dict(meta['loader'])
         it = meta['iter']
     u_lo, u_hi = (r / (shift - (shift - 1) * r) for r in t_range)  # the shift's inverse maps t_range to u
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if dev.type == 'cuda' else torch.autocast('cpu', enabled=False)
+    # no cast cache: it would keep a bf16 copy of every block's gathered weights until the forward ends, undoing
+    # FSDP2's resharding (about 9 GiB per GPU for TI2V-5B by bench.py's planner); each weight is cast once anyway
+    autocast = (torch.autocast('cuda', dtype=torch.bfloat16, cache_enabled=False) if dev.type == 'cuda' else
+                torch.autocast('cpu', enabled=False))
     n_params = sum(p.numel() for p in dit.parameters())
     peak = next((v for k, v in PEAK_TFLOPS.items() if dev.type == 'cuda' and k in torch.cuda.get_device_name(dev)), 0)
 
