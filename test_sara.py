@@ -2462,7 +2462,6 @@ def test_eval_samples_and_judges_runs(tiny_run, tmp_path):
     assert all(0 <= res['table'][f'{root}/a'][k]['mean'] <= 1 for k in ('score', 'entity', 'direction', 'background'))
 
 
-
 def test_a_short_run_raises_the_judge_score(tmp_path):
     """Learning, end to end: 150 iterations on 32x32 toy clips lift the judge's score of the samples (fixed seeds)
     above those of the same model untrained (learning rate 0), mostly by a clean grey floor in the right tone."""
