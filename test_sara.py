@@ -2164,6 +2164,7 @@ def test_training_from_the_cache_gives_the_online_losses(trained, tiny, tmp_path
     n_text = int(Tokenizer(tiny / 'tokenizer.json')([caption], 64)[1].sum())
     # 48 x (1 + 2) x 8 x 8 latents; the caption's own tokens, not 64; 2 x 4 x 4 tokens after latent frame 0
     assert entry['x0'].shape == (48, 3, 8, 8) and entry['context'].shape == (n_text, 64)
+    assert entry['context'].untyped_storage().nbytes() == n_text * 64 * 4  # trimmed on disk too
     assert entry['y'].shape == (32, 128) and entry['w'].shape == (32,)
     for route in ('none', 'uniform', 'motion', 'or'):
         online = run('train_dit.py', *args, f'--route={route}', f'--out_dir={tmp_path}/{route}-online')

@@ -5,6 +5,8 @@
     python train_dit.py --init_from=resume       # continue out_dir exactly where it stopped (any world size)
     python train_dit.py --route=uniform          # + VideoREPA's TRD against frozen V-JEPA tokens
     python train_aligner.py && python train_dit.py --route=or   # SARA: pairs weighted by the Stage 1 saliency
+    python train_dit.py --route=or --cache=build && python train_dit.py --route=or --cache=use
+                                                 # the frozen models' outputs computed once per clip, then read
     torchrun --nproc_per_node=8 train_dit.py --ckpt_dir=Wan2.2-TI2V-5B --init_from=Wan2.2-TI2V-5B \
         --data=my/train.jsonl --frames=121 --height=704 --width=1280 --batch_size=1 --sp=2 --export_dir=out/ti2v
 
@@ -403,12 +405,14 @@ def main():
             if k < len(recs):
                 entry = {'x0': x0[0], 'context': context[0, :n[0]], 'y': None if y is None else y[0],
                          'w': None if w is None else w[0]}
-                atomic_save({k: v.cpu() for k, v in entry.items() if v is not None}, entry_path(folder, recs[k]))
+                # clone: a slice saved as it is would drag its whole storage (the padding to text_len) along
+                atomic_save({key: v.cpu().clone() for key, v in entry.items() if v is not None},
+                            entry_path(folder, recs[k]))
         empty, n = text([''])  # what a dropped caption reads
         dist.barrier()
         if master:
             atomic_save({'made': provenance(manifest, spec), 'route': route, 'clips': len(recs), 'fps': fps,
-                         'empty': empty[0, :n[0]].cpu(), 'codec': {'stride': codec.stride, 'z_dim': codec.z_dim},
+                         'empty': empty[0, :n[0]].cpu().clone(), 'codec': {'stride': codec.stride, 'z_dim': codec.z_dim},
                          'vjepa_dim': None if fz.vjepa is None else fz.vjepa.patch_embed.proj.out_channels,
                          **({} if ckpt_dir else {'t5': fz.t5.state_dict()})}, path)
             print(f'cached the frozen outputs of {len(recs)} clips in {folder} ({time.time() - t0:.1f} s on {world} '
