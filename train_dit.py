@@ -416,7 +416,7 @@ def main():
                          'vjepa_dim': None if fz.vjepa is None else fz.vjepa.patch_embed.proj.out_channels,
                          **({} if ckpt_dir else {'t5': fz.t5.state_dict()})}, path)
             print(f'cached the frozen outputs of {len(recs)} clips in {folder} ({time.time() - t0:.1f} s on {world} '
-                  f'ranks): train from them with the same settings and --cache=use', flush=True)
+                  f'rank{"s" if world > 1 else ""}): train from them with the same settings and --cache=use', flush=True)
         parallel.close()
         return
 
