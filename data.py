@@ -345,21 +345,27 @@ def ensure_shapes(root='data/shapes'):
 
 class _Clips(torch.utils.data.Dataset):
     """Indexed by (epoch, clip index); the temporal offset is a pure function of
-    (seed, epoch, index), so batches do not depend on the number of workers."""
-    def __init__(self, recs, frames, height, width, stride, seed):
+    (seed, epoch, index), so batches do not depend on the number of workers.
+    window='centre' takes every clip's middle window instead, in every epoch: one window per clip is what a cache
+    of the frozen models' outputs can hold. fetch(record) -> dict replaces decoding (train_dit.py's cache)."""
+    def __init__(self, recs, frames, height, width, stride, seed, window='random', fetch=None):
         self.records, self.args, self.seed = recs, (frames, height, width, stride), seed
+        self.window, self.fetch = window, fetch
 
     def __getitem__(self, key):
         epoch, i, slot = key
+        if self.fetch is not None:
+            return dict(self.fetch(self.records[i]), slot=(epoch, slot))
         rng = np.random.default_rng([self.seed, epoch, i])
-        return dict(load_clip(self.records[i], *self.args, start=lambda hi: int(rng.integers(0, hi + 1))),
-                    slot=(epoch, slot))
+        start = (lambda hi: hi // 2) if self.window == 'centre' else (lambda hi: int(rng.integers(0, hi + 1)))
+        return dict(load_clip(self.records[i], *self.args, start=start), slot=(epoch, slot))
 
 def _collate(items):
-    return dict(video=torch.stack([x['video'] for x in items]), masks=[x['masks'] for x in items],
-                caption=[x['caption'] for x in items], entity_captions=[x['entity_captions'] for x in items],
-                background=[x['background'] for x in items], where=[x['where'] for x in items],
-                text_embedding=[x['text_embedding'] for x in items], slot=[x['slot'] for x in items])
+    """Lists per key; the videos stacked."""
+    batch = {k: [x[k] for x in items] for k in items[0]}
+    if 'video' in batch:
+        batch['video'] = torch.stack(batch['video'])
+    return batch
 
 class ClipLoader:
     """Endless batches for one data-parallel rank. Each epoch is a seeded permutation split into equal disjoint rank
@@ -369,7 +375,7 @@ class ClipLoader:
     iteration count in the epoch, which resumes exactly, also at another layout with the same global batch.
     Iterate with one iterator at a time."""
     def __init__(self, manifest, batch_size, frames, height, width, stride=1,
-                 rank=0, world_size=1, seed=0, skip_bad=False, num_workers=0, accum=1):
+                 rank=0, world_size=1, seed=0, skip_bad=False, num_workers=0, accum=1, window='random', fetch=None):
         assert 0 <= rank < world_size, f"rank {rank} must be in [0, {world_size})"
         # skip_bad probes every clip up front, so all ranks agree on the clip list and a batch never shrinks
         need = (frames - 1) * stride + 1
@@ -383,7 +389,8 @@ class ClipLoader:
         self.batches_per_epoch = self.per_rank // (batch_size * accum) * accum  # whole iterations; the rest dropped
         self.bs, self.rank, self.world, self.seed, self.workers = batch_size, rank, world_size, seed, num_workers
         self.accum = accum
-        self.ds = _Clips(self.records, frames, height, width, stride, seed)
+        assert window in ('random', 'centre'), f"window '{window}': random or centre"
+        self.ds = _Clips(self.records, frames, height, width, stride, seed, window, fetch)
         self.epoch, self.step = 0, 0
 
     def state_dict(self):  # position of the next batch, in whole iterations (saved between iterations)

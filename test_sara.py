@@ -2131,6 +2131,91 @@ def test_sara_or_route_trains_on_the_aligner_saliency(trained, tiny, tmp_path):
     one_line_error(r, "differ from the V-JEPA of")
 
 
+# ---------------------------------------------------------------------------------------------- the frozen-output cache
+
+# 9 of a clip's 17 frames: the window has room to move (the centre one is taken) and 2 latent frames remain for TRD
+# (motion needs 2); 8 clips of batch 4, so 4 iterations span 2 epochs; half the captions dropped, so the empty
+# caption's cached features are read
+CACHE_ARGS = ['--frames=9', '--frame_stride=1', '--height=16', '--width=16', '--batch_size=4', '--proj_dim=32',
+              '--log_interval=1', '--warmup_iters=2', '--max_iters=4', '--ckpt_interval=1000', '--caption_dropout=0.5']
+
+# train_dit.py with every frozen model and the video decoder refusing to be built or run
+NO_FROZEN = """import runpy, sys
+import data, models.aligner, models.t5, models.vae, models.vjepa
+def refuse(*args, **kwargs):
+    raise RuntimeError('a frozen model or the video decoder was used')
+for cls in (models.t5.T5Encoder, models.vjepa.VJEPA, models.aligner.Aligner, models.vae.WanVAE):
+    cls.__init__ = refuse
+models.vae.PixelCodec.encode = data.load_clip = refuse
+sys.argv = ['train_dit.py', *sys.argv[1:]]
+runpy.run_path('train_dit.py', run_name='__main__')
+"""
+
+
+def test_training_from_the_cache_gives_the_online_losses(trained, tiny, tmp_path):
+    """One cache built for SARA's or route (latents, umT5 features, the aligner's V-JEPA targets and saliency) serves
+    every route; training from it builds no frozen model, decodes no video and logs the online losses."""
+    root, _, _ = trained
+    args = [f'--data={tiny}/train.jsonl', *CACHE_ARGS, f'--aligner_ckpt={root}/a/ckpt.pt', f'--cache_dir={tmp_path}/c']
+    r = run('train_dit.py', *args, '--route=or', '--cache=build')
+    assert r.returncode == 0 and 'cached the frozen outputs of 8 clips' in r.stdout, r.stderr
+    assert sorted(os.listdir(tmp_path / 'c')) == [f'{i:08d}.pt' for i in range(1, 9)] + ['meta.pt', 'tokenizer.json']
+    entry = torch.load(tmp_path / 'c' / '00000001.pt')
+    caption = json.loads((tiny / 'train.jsonl').read_text().splitlines()[0])['caption']
+    n_text = int(Tokenizer(tiny / 'tokenizer.json')([caption], 64)[1].sum())
+    # 48 x (1 + 2) x 8 x 8 latents; the caption's own tokens, not 64; 2 x 4 x 4 tokens after latent frame 0
+    assert entry['x0'].shape == (48, 3, 8, 8) and entry['context'].shape == (n_text, 64)
+    assert entry['context'].untyped_storage().nbytes() == n_text * 64 * 4  # trimmed on disk too
+    assert entry['y'].shape == (32, 128) and entry['w'].shape == (32,)
+    for route in ('none', 'uniform', 'motion', 'or'):
+        online = run('train_dit.py', *args, f'--route={route}', '--window=centre', f'--out_dir={tmp_path}/{route}-online')
+        cached = run('-c', NO_FROZEN, *args, f'--route={route}', '--cache=use', f'--out_dir={tmp_path}/{route}-cached')
+        assert online.returncode == 0 and cached.returncode == 0, online.stderr[-2000:] + cached.stderr[-2000:]
+        assert 'the VAE, umT5, V-JEPA and aligner are not loaded' in cached.stdout
+        print(route, losses(online.stdout), trd_losses(online.stdout), losses(cached.stdout), trd_losses(cached.stdout))
+        assert sorted(losses(online.stdout)) == [1, 2, 3, 4]
+        for i, v in losses(online.stdout).items():  # printed to 4 decimals
+            assert abs(losses(cached.stdout)[i] - v) <= 1e-4, (route, online.stdout, cached.stdout)
+        for i, v in trd_losses(online.stdout).items():
+            assert abs(trd_losses(cached.stdout)[i] - v) <= 1e-4, (route, online.stdout, cached.stdout)
+        assert len(trd_losses(cached.stdout)) == (0 if route == 'none' else 4)
+
+
+@pytest.fixture(scope='module')
+def cached_copy(tiny, tmp_path_factory):
+    """A copy of the tiny set (its files get touched) and a cache of it for route uniform with the debug V-JEPA."""
+    root = tmp_path_factory.mktemp('cache')
+    shutil.copytree(tiny, root / 'd', ignore=shutil.ignore_patterns('odd.jsonl', 'mixed.jsonl', 'cache-*'))
+    args = [f'--data={root}/d/train.jsonl', *CACHE_ARGS, '--route=uniform', '--aligner_ckpt=']
+    r = run('train_dit.py', *args, '--cache=build')
+    assert r.returncode == 0 and os.path.exists(root / 'd' / 'cache-train' / 'meta.pt'), r.stderr
+    return root, args
+
+
+def test_a_cache_made_otherwise_or_incomplete_is_refused(cached_copy, tmp_path):
+    root, args = cached_copy
+    use = lambda *more: run('train_dit.py', *args, '--cache=use', f'--out_dir={tmp_path}/o', *more)
+    folder = root / 'd' / 'cache-train'
+    one_line_error(use('--height=32'), f'{folder} was made with height = 16, but this run has 32: build it again')
+    one_line_error(use('--seed=1'), 'was made with umT5 = debug, seed 0, but this run has debug, seed 1')
+    one_line_error(use('--trd_pool=2'), 'was made with trd_pool = 1, but this run has 2')
+    one_line_error(use('--route=or'), f'{folder} holds no saliency (it was built with route=uniform): build it again '
+                                      f'with --route=or --cache=build')
+    one_line_error(use('--cache_dir=' + str(tmp_path)), f'{tmp_path} holds no finished cache (no meta.pt)')
+    tokenizer = root / 'd' / 'tokenizer.json'  # another file of the same name: its time tells
+    os.utime(tokenizer, (tokenizer.stat().st_atime, tokenizer.stat().st_mtime + 10))
+    one_line_error(use(), 'was made with tokenizer = tokenizer.json (')
+    os.utime(tokenizer, (tokenizer.stat().st_atime, tokenizer.stat().st_mtime - 10))
+    manifest = root / 'd' / 'train.jsonl'
+    text = manifest.read_text()
+    manifest.write_text(text.replace('moves', 'glides', 1))
+    one_line_error(use(), 'was made with manifest = train.jsonl (sha256 ')
+    manifest.write_text(text)
+    os.remove(folder / '00000003.pt')  # what an interrupted build leaves
+    one_line_error(use(), f'{folder} has no entry for {manifest} line 3 ({root}/d/clips/0002.mp4): its build did not '
+                          f'finish; build it again with --cache=build')
+
+
 # ---------------------------------------------------------------------------------------------- bad input, checkpoints
 
 def one_line_error(r, phrase):
@@ -2275,6 +2360,33 @@ def test_sequence_parallel_forward_and_gradients_match_one_process(sp):
               f'gradients {e["grad"]:.1e} ({e["worst"]})')
         assert e['same_keys'] and e['params'] == (69 if name.startswith('none') else 73)  # DiT (+ projector)
         assert e['out'] <= 1e-6 and e['loss'] <= 1e-6 and e['grad'] <= 2e-5, (name, e)
+
+
+@multiprocess
+def test_caching_on_two_ranks_gives_the_cache_of_one_process(tiny, tmp_path):
+    """7 clips on 2 ranks (4 and 3: the short rank repeats a clip unwritten, as the FSDP-sharded V-JEPA needs every
+    rank in each forward) give the files of one process."""
+    lines = (tiny / 'train.jsonl').read_text().splitlines()[:7]
+    (tiny / 'seven.jsonl').write_text(''.join(l + '\n' for l in lines))
+    args = [f'--data={tiny}/seven.jsonl', *CACHE_ARGS, '--batch_size=2', '--route=uniform', '--aligner_ckpt=',
+            '--cache=build']
+    one = run('train_dit.py', *args, f'--cache_dir={tmp_path}/one')
+    two = torchrun(2, 'train_dit.py', *args, f'--cache_dir={tmp_path}/two')
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-3000:] + two.stderr[-3000:]
+    assert 'cached the frozen outputs of 7 clips' in two.stdout and 'on 2 ranks' in two.stdout
+    names = sorted(os.listdir(tmp_path / 'one'))
+    assert names == sorted(os.listdir(tmp_path / 'two')) and len(names) == 7 + 2
+    for name in names:
+        if not name.endswith('.pt'):
+            assert (tmp_path / 'one' / name).read_bytes() == (tmp_path / 'two' / name).read_bytes(), name
+            continue
+        a, b = (torch.load(tmp_path / d / name, weights_only=False) for d in ('one', 'two'))
+        assert a.keys() == b.keys(), name
+        for k in a:  # the tensors (an entry's, the empty caption's, the debug umT5's), then the rest (settings, files)
+            if torch.is_tensor(a[k]) or k == 't5':
+                assert all(torch.allclose(x, y, rtol=0, atol=1e-6) for x, y in zip(flat({0: a[k]}), flat({0: b[k]})))
+            else:
+                assert a[k] == b[k], (name, k)
 
 
 # 45 tokens per clip (3 latent frames of 3x5): not a multiple of sp = 2; TRD against V-JEPA targets; checkpointing

@@ -5,6 +5,8 @@
     python train_dit.py --init_from=resume       # continue out_dir exactly where it stopped (any world size)
     python train_dit.py --route=uniform          # + VideoREPA's TRD against frozen V-JEPA tokens
     python train_aligner.py && python train_dit.py --route=or   # SARA: pairs weighted by the Stage 1 saliency
+    python train_dit.py --route=or --cache=build && python train_dit.py --route=or --cache=use
+                                                 # the frozen models' outputs computed once per clip, then read
     torchrun --nproc_per_node=8 train_dit.py --ckpt_dir=Wan2.2-TI2V-5B --init_from=Wan2.2-TI2V-5B \
         --data=my/train.jsonl --frames=121 --height=704 --width=1280 --batch_size=1 --sp=2 --export_dir=out/ti2v
 
@@ -13,12 +15,16 @@ ranks of a dp group share clips, noise and timesteps and split the tokens (Ulyss
 in a 1-rank group. Checkpoints (out_dir/ckpt) are sharded (torch.distributed.checkpoint) and resume at any world
 size with the same global batch = batch_size x dp x grad_accum.
 """
+import datetime
+import functools
+import hashlib
 import json
 import math
 import os
 import resource
 import shutil
 import time
+from types import SimpleNamespace
 
 import decord
 import torch
@@ -30,7 +36,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from data import ClipLoader, ensure_shapes, toy_tokenizer
 from models import parallel
 from models.aligner import load_aligner
-from models.checkpoint import dit_kwargs, export_dit, load_dit, load_text_and_vae, read_sharded, run_meta, save_sharded
+from models.checkpoint import (atomic_save, dit_kwargs, export_dit, load_dit, load_text_and_vae, read_sharded, read_torch,
+                               run_meta, save_sharded)
 from models.settings import configure, run, save_config
 from models.t5 import T5Encoder, Tokenizer, configs as t5_configs, encode
 from models.trd import pair_budget, trd_loss
@@ -51,6 +58,8 @@ checkpointing = 'auto'         # recompute each DiT block in backward: auto (on 
 frames = 9                     # pixel frames per clip, 1 + 4k
 height = 32                    # clip height after resize and centre crop
 width = 32                     # clip width after resize and centre crop
+window = 'random'              # where a clip's frames are cut: random (a new start each epoch) | centre (one window per
+                               # clip; what a cache holds, so cache=build/use always cut the centre)
 frame_stride = 1               # take every n-th frame of the source clip (toy: more motion per 4-frame latent was
                                # harder to learn: judge score 0.27 at stride 2 vs 0.31 at 1 after 1,000 iterations)
 max_iters = 1200               # total training iterations
@@ -83,9 +92,15 @@ resume_ckpt = ''               # with init_from=resume: a checkpoint of out_dir 
 export_dir = ''                # at the end, also write the DiT here as an official folder (safetensors + config.json)
 skip_bad = False               # skip unreadable clips (counted and reported) instead of stopping
 num_workers = 0                # data loader worker processes
+cache = 'off'                  # the frozen models' outputs (latents, umT5 features, V-JEPA targets, saliency): off =
+                               # computed every step | build = computed once per clip of the manifest into cache_dir,
+                               # then stop (under torchrun each rank its share) | use = read from cache_dir: the VAE,
+                               # umT5, V-JEPA and aligner are not loaded, a cache made otherwise is refused
+cache_dir = ''                 # the cache folder ('' = cache-<manifest name> beside the manifest)
 
 cfg = configure(globals(), __file__)
 
+SALIENT = ('or', 'and', 'xor')  # the routes that weight pairs by the aligner's saliency
 PEAK_TFLOPS = {'H100': 989, 'H200': 989, 'H800': 989, 'B200': 2250, 'A100': 312, 'A800': 312, 'L40S': 362}  # dense bf16
 
 
@@ -141,6 +156,135 @@ def clip_generator(dev, slot):
     return torch.Generator(dev).manual_seed((seed * 1_000_003 + slot[0]) * 1_000_003 + slot[1])
 
 
+# ---------------------------------------------------------------------------------------------- the frozen models
+
+def load_frozen(manifest, records, spec, mesh, dev, meta, tok_dir):
+    """The frozen models as the settings say: umT5, its tokenizer, the codec, and for TRD the V-JEPA and (or/and/xor)
+    the aligner with its own umT5 and tokenizer (None where the route needs none). Their umT5s and V-JEPA are
+    FSDP-sharded like the DiT; a debug run's tokenizer is written to tok_dir."""
+    master = dist.get_rank() == 0
+    f = SimpleNamespace(vjepa=None, aligner=None, a_t5=None, a_tok=None, a_len=0)
+    if ckpt_dir:  # the official frozen umT5 (sharded like the DiT: 10.6 GiB in bf16 unsharded), tokenizer and VAE
+        f.t5, f.tok, f.codec = load_text_and_vae(ckpt_dir, spec.out_dim, dev, dev,
+                                                 lambda m: parallel.shard(m, mesh, m.blocks))
+    else:  # a frozen random debug umT5 made from the seed, saved with the run, and a word-level tokenizer
+        f.t5 = T5Encoder(**t5_configs['debug']).eval().requires_grad_(False)
+        f.t5.init_weights(seed)
+        if meta is not None:
+            f.t5.load_state_dict(meta['t5'])
+        f.t5.to(dev)
+        f.codec = load_codec('pixel')
+        if master:  # sample.py reads it from the run
+            toy_tokenizer(manifest, records, tok_dir)
+        dist.barrier()
+        f.tok = Tokenizer(os.path.join(tok_dir, 'tokenizer.json'))
+    if route in SALIENT and not os.path.exists(aligner_ckpt):
+        raise SystemExit(f'route={route} weights token pairs by the Stage 1 saliency, but {aligner_ckpt or "no"} '
+                         f'aligner_ckpt exists: run python train_aligner.py first (or point --aligner_ckpt at a run)')
+    if route != 'none' and os.path.exists(aligner_ckpt):  # one frozen V-JEPA for every route: the aligner's
+        f.aligner, f.vjepa, f.a_t5, f.a_tok, a_cfg = load_aligner(aligner_ckpt, dev, text=route in SALIENT)
+        f.a_len = a_cfg['text_len']
+        theirs = (a_cfg['vjepa_model'], a_cfg['vjepa_ckpt'])
+        if (vjepa_model, vjepa_ckpt) not in (('debug', ''), theirs):
+            raise SystemExit(f'vjepa_model={vjepa_model} vjepa_ckpt={vjepa_ckpt!r} differ from the V-JEPA of '
+                             f'{aligner_ckpt} ({theirs[0]}, {theirs[1]!r}): every route takes its targets from the '
+                             f"aligner's encoder; drop them, or pass --aligner_ckpt='' to use them without an aligner")
+        if master:
+            print(f'TRD targets: the frozen V-JEPA ({theirs[0]}) of {aligner_ckpt}', flush=True)
+        if route not in SALIENT:
+            f.aligner = None
+    elif route != 'none':  # frozen V-JEPA targets
+        if vjepa_model == 'debug':  # random, from the seed alone: the same targets when a run resumes
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                f.vjepa = VJEPA(**vjepa_configs['debug']).eval().requires_grad_(False)
+        elif not vjepa_ckpt:
+            raise SystemExit(f'vjepa_model={vjepa_model} needs vjepa_ckpt=<its official .pt file>')
+        else:
+            f.vjepa = load_vjepa(vjepa_ckpt, vjepa_model, dev)
+    if route != 'none':  # the frozen V-JEPA (a ViT-g is 4 GiB in fp32) and the aligner's umT5 sharded like the DiT
+        f.vjepa = parallel.shard(f.vjepa.to(dev), mesh, f.vjepa.blocks)
+        if f.aligner is not None:
+            f.a_t5 = parallel.shard(f.a_t5, mesh, f.a_t5.blocks)
+    return f
+
+
+# ---------------------------------------------------------------------------------------------- the cache
+
+def file_id(path):
+    """A model file as a cache records it: name, size and modification time (hashing 20 GiB of weights at every
+    start would take minutes); a copy that keeps the times (cp -p, rsync -a) still matches."""
+    if not path or not os.path.exists(path):
+        return f'{path or "no file"} (missing)'
+    st = os.stat(path)
+    when = datetime.datetime.fromtimestamp(st.st_mtime, datetime.timezone.utc).isoformat()
+    return f'{os.path.basename(path)} ({st.st_size} bytes, modified {when})'
+
+
+def provenance(manifest, spec):
+    """What this run's frozen outputs depend on, as readable values: a cache is used only when it was made with the
+    same value for every key (the TRD keys only when the route aligns). The seed where it makes a random debug model;
+    the clip window does not depend on it (a cache holds every clip's centre window)."""
+    with open(manifest, 'rb') as fh:
+        made = {'manifest': f'{os.path.basename(manifest)} (sha256 {hashlib.sha256(fh.read()).hexdigest()[:16]})'}
+    made.update(frames=frames, height=height, width=width, frame_stride=frame_stride, window='centre',
+                text_len=spec.text_len)
+    if ckpt_dir:
+        made['codec'] = '; '.join(file_id(os.path.join(ckpt_dir, n)) for n in ('Wan2.2_VAE.pth', 'Wan2.1_VAE.pth')
+                                  if os.path.exists(os.path.join(ckpt_dir, n)))
+        made['umT5'] = file_id(os.path.join(ckpt_dir, 'models_t5_umt5-xxl-enc-bf16.pth'))
+        tok = os.path.join(ckpt_dir, 'google', 'umt5-xxl')
+        made['tokenizer'] = file_id(next((os.path.join(tok, n) for n in ('tokenizer.json', 'spiece.model')
+                                          if os.path.exists(os.path.join(tok, n))), tok))
+    else:
+        src = os.path.join(os.path.dirname(os.path.abspath(manifest)), 'tokenizer.json')
+        made.update(codec='pixel', umT5=f'debug, seed {seed}',
+                    tokenizer=file_id(src) if os.path.exists(src) else 'built from the captions')
+    if route != 'none':
+        made.update(trd_pool=trd_pool, patch_size=tuple(spec.patch_size))
+        made['V-JEPA'] = (f'the one of {file_id(aligner_ckpt)}' if os.path.exists(aligner_ckpt) else
+                          f'debug, seed {seed}' if vjepa_model == 'debug' else f'{vjepa_model}, {file_id(vjepa_ckpt)}')
+    if route in SALIENT:
+        made['aligner'] = file_id(aligner_ckpt)
+    return made
+
+
+def open_cache(folder, want):
+    """A cache's meta.pt when it was made as `want` says, else one sentence naming the first difference."""
+    path = os.path.join(folder, 'meta.pt')
+    if not os.path.exists(path):
+        raise SystemExit(f'{folder} holds no finished cache (no meta.pt): build it first, with the settings of this '
+                         f'run and --cache=build')
+    meta = read_torch(path, 'build it again with --cache=build')
+    for key, value in want.items():
+        if key not in meta['made']:
+            raise SystemExit(f"{folder} holds no {'saliency' if key == 'aligner' else 'V-JEPA targets'} (it was built "
+                             f"with route={meta['route']}): build it again with --route={route} --cache=build")
+        if meta['made'][key] != value:
+            made = meta['made'][key]
+            raise SystemExit(f'{folder} was made with {key} = {made}, but this run has {value}: build it again with '
+                             f'these settings and --cache=build (or pass another --cache_dir)')
+    return meta
+
+
+def entry_path(folder, rec):
+    """One clip's cached outputs, named by its manifest line (the manifest's hash pins what each line is)."""
+    return os.path.join(folder, f"{rec['line']:08d}.pt")
+
+
+def read_entry(folder, rec):
+    """The loader's stand-in for decoding a clip: its cached outputs {'x0', 'context'[, 'y'][, 'w']}."""
+    return torch.load(entry_path(folder, rec), map_location='cpu', weights_only=True)
+
+
+def pad_text(feats, text_len):
+    """Trimmed umT5 features, one [n_i, dim] per clip -> [B, text_len, dim] with zeros past each caption (as encode)."""
+    ctx = feats[0].new_zeros(len(feats), text_len, feats[0].shape[-1])
+    for i, f in enumerate(feats):
+        ctx[i, :len(f)] = f
+    return ctx
+
+
 def main():
     if model not in wan_configs:
         raise SystemExit(f"unknown model '{model}'; choose one of {', '.join(wan_configs)}")
@@ -148,6 +292,10 @@ def main():
         raise SystemExit(f"unknown route '{route}'; choose none, uniform, motion, or, and or xor")
     if checkpointing not in ('auto', 'on', 'off'):
         raise SystemExit(f"checkpointing='{checkpointing}': choose auto, on or off")
+    if cache not in ('off', 'build', 'use'):
+        raise SystemExit(f"cache='{cache}': choose off, build or use")
+    if window not in ('random', 'centre'):
+        raise SystemExit(f"window='{window}': choose random or centre")
     ckpt_path = os.path.join(out_dir, 'ckpt')
     meta, run = None, None  # the checkpoint we resume, or the run whose weights we start from
     if init_from == 'resume':
@@ -178,12 +326,17 @@ def main():
                          f"gives {global_batch} (batch_size {batch_size} x dp {dp} x grad_accum {grad_accum}): set "
                          f"batch_size or grad_accum so that the product stays {meta['global_batch']}")
     manifest = ensure_shapes('data/shapes') if data == 'shapes' else data
+    folder = cache_dir or os.path.join(os.path.dirname(os.path.abspath(manifest)),
+                                       'cache-' + os.path.splitext(os.path.basename(manifest))[0])
     try:  # every rank builds the same clip list; a layout the data cannot fill is refused on all of them
+        # a cache holds one (centre) window per clip: online training with window=centre reads the same clips
         loader = ClipLoader(manifest, batch_size, frames, height, width, stride=frame_stride, rank=dp_rank,
-                            world_size=dp, seed=seed, skip_bad=skip_bad, num_workers=num_workers, accum=grad_accum)
+                            world_size=dp, seed=seed, skip_bad=skip_bad, num_workers=num_workers, accum=grad_accum,
+                            window='centre' if cache != 'off' else window,
+                            fetch=functools.partial(read_entry, folder) if cache == 'use' else None)
     except ValueError as err:
         raise SystemExit(str(err)) from None
-    if master:
+    if master and cache != 'build':  # a build is no training run
         save_config(cfg, out_dir)
         print(f'world {world} = dp {dp} x sp {sp}; global batch {global_batch} = batch_size {batch_size} x dp {dp} x '
               f'grad_accum {grad_accum}', flush=True)
@@ -192,23 +345,89 @@ def main():
     with torch.device('meta'):  # the DiT's shape for the checks below; a resumed run fills it (a config.json's
                                 # absent fields take the defaults)
         spec = WanModel(**arch)
-    if ckpt_dir:  # the official frozen umT5 (sharded like the DiT: 10.6 GiB in bf16 unsharded), tokenizer and VAE
-        t5, tok, codec = load_text_and_vae(ckpt_dir, spec.out_dim, dev, dev, lambda m: parallel.shard(m, mesh, m.blocks))
-    else:  # a frozen random debug umT5 made from the seed, saved with the run, and a word-level tokenizer
-        t5 = T5Encoder(**t5_configs['debug']).eval().requires_grad_(False)
-        t5.init_weights(seed)
-        if meta is not None:
-            t5.load_state_dict(meta['t5'])
-        t5.to(dev)
-        codec = load_codec('pixel')
-        if master:  # sample.py reads it from the run
-            toy_tokenizer(manifest, loader.records, out_dir)
-        dist.barrier()
-        tok = Tokenizer(os.path.join(out_dir, 'tokenizer.json'))
+    # no cast cache: it would keep a bf16 copy of every block's gathered weights until the forward ends, undoing
+    # FSDP2's resharding (about 9 GiB per GPU for TI2V-5B by bench.py's planner); each weight is cast once anyway
+    autocast = (torch.autocast('cuda', dtype=torch.bfloat16, cache_enabled=False) if dev.type == 'cuda' else
+                torch.autocast('cpu', enabled=False))
+    cached = None  # the cache's meta.pt when training from it
+    if cache == 'use':  # the frozen outputs are read from the cache: none of the frozen models is loaded
+        cached = open_cache(folder, provenance(manifest, spec))
+        codec = SimpleNamespace(**cached['codec'])
+        missing = next((r for r in loader.records if not os.path.exists(entry_path(folder, r))), None)
+        if missing is not None:
+            raise SystemExit(f"{folder} has no entry for {missing['manifest']} line {missing['line']} "
+                             f"({missing['video']}): its build did not finish; build it again with --cache=build")
+        if master:
+            if not ckpt_dir:  # sample.py reads the tokenizer from the run
+                os.makedirs(out_dir, exist_ok=True)
+                shutil.copyfile(os.path.join(folder, 'tokenizer.json'), os.path.join(out_dir, 'tokenizer.json'))
+            print(f'frozen outputs from the cache {folder} ({cached["clips"]} clips): the VAE, umT5, V-JEPA and '
+                  f'aligner are not loaded', flush=True)
+    else:  # the frozen models draw nothing from the seed's stream: the DiT and projector start the same either way
+        with torch.random.fork_rng(devices=[]):
+            fz = load_frozen(manifest, loader.records, spec, mesh, dev, meta, folder if cache == 'build' else out_dir)
+        codec = fz.codec
     if codec.z_dim != spec.patch_embedding.in_channels:
         raise SystemExit(f'the codec gives {codec.z_dim} latent channels but the DiT takes '
                          f'{spec.patch_embedding.in_channels} (image-conditioned DiTs are not trained here)')
     check_sizes(codec, spec.patch_size)
+    fps = cached['fps'] if cached else decord.VideoReader(loader.records[0]['video']).get_avg_fps() / frame_stride
+
+    def text(captions):
+        """umT5 features [B, text_len, dim] (zeros past each caption) and each caption's token count."""
+        ids, mask = fz.tok(captions, spec.text_len)
+        return encode(fz.t5, ids.to(dev), mask.to(dev), spec.text_len), mask.sum(1).tolist()
+
+    def targets(video, captions, latent_shape):
+        """For TRD, on the (pooled) DiT grid without latent frame 0 (the causal VAE codes pixel frame 0 alone): the
+        frozen V-JEPA targets y [B, N, D] and, for or/and/xor, the saliency w [B, N] of the full caption."""
+        if route == 'none':
+            return None, None
+        T = (latent_shape[2] - 1, latent_shape[3] // spec.patch_size[1], latent_shape[4] // spec.patch_size[2])
+        with torch.no_grad(), autocast:
+            tokens = vjepa_tokens(fz.vjepa, video, T)
+            y, w = to_dit_grid(tokens, trd_pool), None
+            if fz.aligner is not None:  # the aligner's saliency on the same V-JEPA tokens
+                ids, mask = fz.a_tok(captions, fz.a_len)
+                n = int(mask.sum(1).max())
+                t = encode(fz.a_t5, ids[:, :n].to(dev), mask[:, :n].to(dev), n)
+                logits, _ = fz.aligner(tokens.flatten(1, 3), (2 * T[0], *T[1:]), t, mask[:, :n].to(dev))
+                w = to_dit_grid(torch.sigmoid(logits.float()).view(*tokens.shape[:4], 1), trd_pool)[..., 0]
+        return y, w
+
+    if cache == 'build':  # before the DiT exists: a build needs only the frozen models
+        recs, path, t0 = loader.records, os.path.join(folder, 'meta.pt'), time.time()
+        if master:  # meta.pt is written last: a folder without it is no finished cache
+            os.makedirs(folder, exist_ok=True)
+            if os.path.exists(path):
+                os.remove(path)
+        dist.barrier()
+        # clip k on rank k % world; every rank runs the same number of clips (the last round repeats clips without
+        # writing them) because the FSDP-sharded encoders gather their weights together
+        for k in range(rank, -(-len(recs) // world) * world, world):
+            clip = loader.ds[(0, k % len(recs), 0)]  # the centre window (epoch and slot do not matter)
+            with torch.no_grad():
+                video = clip['video'][None].to(dev)
+                x0 = codec.encode(video)
+                context, n = text([clip['caption']])
+                y, w = targets(video, [clip['caption']], x0.shape)
+            if k < len(recs):
+                entry = {'x0': x0[0], 'context': context[0, :n[0]], 'y': None if y is None else y[0],
+                         'w': None if w is None else w[0]}
+                # clone: a slice saved as it is would drag its whole storage (the padding to text_len) along
+                atomic_save({key: v.cpu().clone() for key, v in entry.items() if v is not None},
+                            entry_path(folder, recs[k]))
+        empty, n = text([''])  # what a dropped caption reads
+        dist.barrier()
+        if master:
+            atomic_save({'made': provenance(manifest, spec), 'route': route, 'clips': len(recs), 'fps': fps,
+                         'empty': empty[0, :n[0]].cpu().clone(), 'codec': {'stride': codec.stride, 'z_dim': codec.z_dim},
+                         'vjepa_dim': None if fz.vjepa is None else fz.vjepa.patch_embed.proj.out_channels,
+                         **({} if ckpt_dir else {'t5': fz.t5.state_dict()})}, path)
+            print(f'cached the frozen outputs of {len(recs)} clips in {folder} ({time.time() - t0:.1f} s on {world} '
+                  f'rank{"s" if world > 1 else ""}): train from them with the same settings and --cache=use', flush=True)
+        parallel.close()
+        return
 
     # the DiT: FSDP-sharded before it holds any weights, filled shard by shard (no rank holds a full fp32 copy)
     shard_dit = lambda m: parallel.shard(m, mesh, m.blocks)
@@ -222,44 +441,16 @@ def main():
         dit = shard_dit(spec)
         dit.to_empty(device=dev)
     dit.train().checkpointing = checkpointing == 'on' or (checkpointing == 'auto' and dev.type == 'cuda')
-    vjepa = aligner = None
     trainable = torch.nn.ModuleDict({'dit': dit})  # one state dict and one optimizer for the DiT and the projector
-    if route in ('or', 'and', 'xor') and not os.path.exists(aligner_ckpt):
-        raise SystemExit(f'route={route} weights token pairs by the Stage 1 saliency, but {aligner_ckpt or "no"} '
-                         f'aligner_ckpt exists: run python train_aligner.py first (or point --aligner_ckpt at a run)')
-    if route != 'none' and os.path.exists(aligner_ckpt):  # one frozen V-JEPA for every route: the aligner's
-        aligner, vjepa, a_t5, a_tok, a_cfg = load_aligner(aligner_ckpt, dev, text=route in ('or', 'and', 'xor'))
-        theirs = (a_cfg['vjepa_model'], a_cfg['vjepa_ckpt'])
-        if (vjepa_model, vjepa_ckpt) not in (('debug', ''), theirs):
-            raise SystemExit(f'vjepa_model={vjepa_model} vjepa_ckpt={vjepa_ckpt!r} differ from the V-JEPA of '
-                             f'{aligner_ckpt} ({theirs[0]}, {theirs[1]!r}): every route takes its targets from the '
-                             f"aligner's encoder; drop them, or pass --aligner_ckpt='' to use them without an aligner")
-        if master:
-            print(f'TRD targets: the frozen V-JEPA ({theirs[0]}) of {aligner_ckpt}', flush=True)
-        if route not in ('or', 'and', 'xor'):
-            aligner = None
-    elif route != 'none':  # frozen V-JEPA targets
-        if vjepa_model == 'debug':  # random, from the seed alone: the same targets when a run resumes
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                vjepa = VJEPA(**vjepa_configs['debug']).eval().requires_grad_(False)
-        elif not vjepa_ckpt:
-            raise SystemExit(f'vjepa_model={vjepa_model} needs vjepa_ckpt=<its official .pt file>')
-        else:
-            vjepa = load_vjepa(vjepa_ckpt, vjepa_model, dev)
-    if route != 'none':  # the frozen V-JEPA (a ViT-g is 4 GiB in fp32) and the aligner's umT5 sharded like the DiT
-        vjepa = parallel.shard(vjepa.to(dev), mesh, vjepa.blocks)
-        if aligner is not None:
-            a_t5 = parallel.shard(a_t5, mesh, a_t5.blocks)
     if route != 'none':  # a trainable projector, saved with the run and left out of the export
         if not 1 <= align_layer <= len(dit.blocks):
             raise SystemExit(f'align_layer={align_layer} is not a block of this DiT (1..{len(dit.blocks)})')
         dim = dit.blocks[0].ffn[0].in_features
+        out = cached['vjepa_dim'] if cached else fz.vjepa.patch_embed.proj.out_channels
         projector = torch.nn.Sequential(torch.nn.Linear(dim, proj_dim), torch.nn.SiLU(), torch.nn.Linear(proj_dim, proj_dim),
-                                        torch.nn.SiLU(), torch.nn.Linear(proj_dim, vjepa.patch_embed.proj.out_channels))
+                                        torch.nn.SiLU(), torch.nn.Linear(proj_dim, out))
         trainable['projector'] = parallel.shard(projector.to(dev), mesh)
 
-    fps = decord.VideoReader(loader.records[0]['video']).get_avg_fps() / frame_stride
     params = list(trainable.parameters())
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -286,12 +477,11 @@ def main():
         loader.load_state_dict(meta['loader'])
         it = meta['iter']
     u_lo, u_hi = (r / (shift - (shift - 1) * r) for r in t_range)  # the shift's inverse maps t_range to u
-    # no cast cache: it would keep a bf16 copy of every block's gathered weights until the forward ends, undoing
-    # FSDP2's resharding (about 9 GiB per GPU for TI2V-5B by bench.py's planner); each weight is cast once anyway
-    autocast = (torch.autocast('cuda', dtype=torch.bfloat16, cache_enabled=False) if dev.type == 'cuda' else
-                torch.autocast('cpu', enabled=False))
     n_params = sum(p.numel() for p in dit.parameters())
     peak = next((v for k, v in PEAK_TFLOPS.items() if dev.type == 'cuda' and k in torch.cuda.get_device_name(dev)), 0)
+
+    # a debug run keeps its random umT5 for sample.py: the one that made the cache when training from it
+    t5_state = None if ckpt_dir else cached['t5'] if cached else fz.t5.state_dict()
 
     def save():
         """out_dir/ckpt-<iter>, then out_dir/ckpt re-pointed at it, then all but the newest keep_last removed."""
@@ -299,7 +489,7 @@ def main():
         name = f'ckpt-{it:06d}'
         save_sharded(os.path.join(out_dir, name), {'model': model_sd, 'optim': optim_sd, **({'ema': ema} if ema else {})},
                      {'iter': it, 'loader': loader.state_dict(), 'global_batch': global_batch, 'config': cfg,
-                      'arch': arch, 'fps': fps, 'world': world, **({} if ckpt_dir else {'t5': t5.state_dict()})})
+                      'arch': arch, 'fps': fps, 'world': world, **({} if ckpt_dir else {'t5': t5_state})})
         if master:
             if os.path.isdir(ckpt_path) and not os.path.islink(ckpt_path):  # a copy of the run made without links
                 step = os.path.join(out_dir, f"ckpt-{run_meta(ckpt_path)['iter']:06d}")
@@ -313,14 +503,21 @@ def main():
 
     def step(batch):
         """One micro-batch: returns (this rank's loss share, L_flow, this rank's share of L_TRD, tokens, saliency)."""
-        B = len(batch['caption'])
+        B = len(batch['slot'])
         gens = [clip_generator(dev, s) for s in batch['slot']]
-        video = batch['video'].to(dev)  # once, for the codec and the V-JEPA targets
         with torch.no_grad():
-            x0 = codec.encode(video)
             keep = [torch.rand(1, generator=g, device=dev).item() >= caption_dropout for g in gens]
-            ids, mask = tok([c if k else '' for c, k in zip(batch['caption'], keep)], dit.text_len)
-            context = encode(t5, ids.to(dev), mask.to(dev), dit.text_len)
+            if cached:  # the clips' frozen outputs as computed once; a dropped caption reads the empty one's features
+                x0 = torch.stack(batch['x0']).to(dev)
+                context = pad_text([c if k else cached['empty'] for c, k in zip(batch['context'], keep)],
+                                   dit.text_len).to(dev)
+                y = torch.stack(batch['y']).to(dev) if route != 'none' else None
+                w = torch.stack(batch['w']).to(dev) if route in SALIENT else None
+            else:
+                video = batch['video'].to(dev)  # once, for the codec and the V-JEPA targets
+                x0 = codec.encode(video)
+                context = text([c if k else '' for c, k in zip(batch['caption'], keep)])[0]
+                y, w = targets(video, batch['caption'], x0.shape)
             u = u_lo + (u_hi - u_lo) * torch.cat([torch.rand(1, generator=g, device=dev) for g in gens])
             sigma = shifted(u, shift).view(-1, 1, 1, 1, 1)
             noise = torch.stack([torch.randn(x0.shape[1:], generator=g, device=dev) for g in gens])
@@ -332,22 +529,12 @@ def main():
                       group=group)
             pred, feats = out if route != 'none' else (out, None)
             l_flow = F.mse_loss(pred, noise - x0)  # the same on every sp rank: each takes 1/sp of it
-            l_trd, w = None, None
+            l_trd = None
             if feats is not None:  # project this rank's tokens, gather them: each rank its rows against all columns
                 z = trainable['projector'](feats.flatten(0, 1)).unflatten(0, feats.shape[:2])  # 2-D: no view for FSDP
                 z = parallel.seq_gather(z, group, n_tok).unflatten(1, grid)[:, 1:]
-                z = pool_tokens(z, trd_pool)  # latent frame 0 dropped (the causal VAE codes pixel frame 0 alone)
-                T = (grid[0] - 1, *grid[1:])
-                with torch.no_grad():
-                    tokens = vjepa_tokens(vjepa, video, T)
-                    y = to_dit_grid(tokens, trd_pool)
-                    if aligner is not None:  # saliency of the full caption on the same V-JEPA tokens
-                        ids, mask = a_tok(batch['caption'], a_cfg['text_len'])
-                        n = int(mask.sum(1).max())
-                        text = encode(a_t5, ids[:, :n].to(dev), mask[:, :n].to(dev), n)
-                        logits, _ = aligner(tokens.flatten(1, 3), (2 * T[0], *T[1:]), text, mask[:, :n].to(dev))
-                        w = to_dit_grid(torch.sigmoid(logits.float()).view(*tokens.shape[:4], 1), trd_pool)[..., 0]
-                pooled = (T[0], T[1] // trd_pool, T[2] // trd_pool)
+                z = pool_tokens(z, trd_pool)  # latent frame 0 dropped, as for the targets y
+                pooled = (grid[0] - 1, grid[1] // trd_pool, grid[2] // trd_pool)
                 part = (0, 1) if group is None else (group.rank(), sp)
                 l_trd = trd_loss(z, y, w, route=route, margin=trd_margin, block=trd_block, grid=pooled, part=part)
         share = l_flow / sp + (0 if l_trd is None else trd_weight * l_trd)
