@@ -1917,7 +1917,7 @@ def test_alignvid_blocks_and_window_select_exactly(align_run, tmp_path, monkeypa
     assert sample.parse_blocks('0,2-7,10-20', 40, 'b') == [0, *range(2, 8), *range(10, 21)]
     assert len(sample.parse_blocks('wan14b', 40, 'b')) == 28 and sample.parse_blocks('all', 3, 'b') == [0, 1, 2]
     assert sample.block_string([0, 2, 3, 4, 7, 9, 10]) == '0,2-4,7,9-10'
-    with pytest.raises(SystemExit, match='names block 40, but the DiT has blocks 0-29'):
+    with pytest.raises(SystemExit, match='names block 38, but the DiT has blocks 0-29'):
         sample.parse_blocks('wan14b', 30, 'alignvid_blocks')
     with pytest.raises(SystemExit, match='expected all'):
         sample.parse_blocks('x-3', 30, 'alignvid_blocks')
