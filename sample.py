@@ -389,11 +389,14 @@ def probed(dit, blocks):
 
 def refocus(dit, x, tt, context, y, plan, blocks, t, sigma, keep):
     """StarVid-style refocusing: refocus_iters normalised gradient steps of the layout losses on the latent x,
-    through blocks 0..max(blocks) only; the DiT weights get no gradient (autograd.grad w.r.t. the latent only)."""
+    through blocks 0..max(blocks) only; the DiT weights get no gradient (autograd.grad w.r.t. the latent only).
+    Returns the new x and the (spatial, contrastive) losses before each step."""
     spatial_on, verb_on = within(t, refocus_t), within(t, refocus_verb_t) and plan['verbs']
     if not (spatial_on or verb_on):
         return x, None
     probe(dit, blocks, plan['idx'].to(x.device))
+    was, dit.checkpointing = dit.checkpointing, x.is_cuda  # on a GPU recompute blocks in backward: 14B activations
+    seen = []
     for _ in range(refocus_iters):
         with torch.enable_grad():
             z = x.detach().float().requires_grad_()
@@ -401,10 +404,12 @@ def refocus(dit, x, tt, context, y, plan, blocks, t, sigma, keep):
             sp, ct = layout_losses(probed(dit, blocks), plan)
             loss = (sp if spatial_on else 0) + (refocus_verb_weight * ct if verb_on else 0)
             g, = torch.autograd.grad(loss, z)
+        seen.append((sp.item(), ct.item()))
         g = g * keep  # a pinned first frame stays the image's
         x = x - refocus_step * sigma * g / g.pow(2).mean().sqrt().clamp_min(1e-12)
     probe(dit, [], None)
-    return x, (sp.item(), ct.item())
+    dit.checkpointing = was
+    return x, seen
 
 
 def calibrate_blocks(experts, t5, tok, codec, d, dev, n_frames, h, w, autocast):
@@ -494,18 +499,6 @@ def main():
             return calibrate_blocks(experts, t5, tok, codec, d, dev, n_frames, h, w, autocast)
     n_blocks = len(any_dit.blocks)
     scaled = parse_blocks(alignvid_blocks, n_blocks, 'alignvid_blocks') if alignvid != 1.0 else []
-    plan = None
-    if layout:  # the layout's prompt (oracle: the clip's caption) replaces the prompt
-        if prompts:
-            raise SystemExit('layout describes one prompt: use --prompt, not --prompts')
-        lay_prompt, boxes, verbs = oracle_layout(n_frames, d.get('stride', 1)) if layout == 'oracle' else \
-            read_layout(layout, n_frames)
-        jobs = [(lay_prompt or prompt, None)]
-        grid = token_grid(any_dit, codec, n_frames, h, w)
-        plan = make_plan(jobs[0][0], boxes, verbs, tok, any_dit.text_len, grid, codec.stride[0], f'layout {layout}')
-        refocused = parse_blocks(refocus_blocks, n_blocks, 'refocus_blocks')
-        print(f'refocusing {len(boxes)} phrase(s), {len(verbs)} verb(s) at blocks {block_string(refocused)}: '
-              f'{jobs[0][0]!r}')
 
     with torch.no_grad():
         # the conditioning image: I2V-A14B concatenates mask + image latents, TI2V-5B pins the first latent frame
@@ -535,6 +528,18 @@ def main():
             raise SystemExit('image= needs an official image-to-video model (i2v-a14b or ti2v-5b) in ckpt_dir')
         if h % (codec.stride[1] * 2) or w % (codec.stride[2] * 2):
             raise SystemExit(f'size {w}*{h} must be a multiple of {2 * codec.stride[2]} on both sides for this model')
+    plan = None
+    if layout:  # the layout's prompt (oracle: the clip's caption) replaces the prompt
+        if prompts:
+            raise SystemExit('layout describes one prompt: use --prompt, not --prompts')
+        lay_prompt, boxes, verbs = oracle_layout(n_frames, d.get('stride', 1)) if layout == 'oracle' else \
+            read_layout(layout, n_frames)
+        jobs = [(lay_prompt or prompt, None)]
+        grid = token_grid(any_dit, codec, n_frames, h, w)  # after an image's size rounding
+        plan = make_plan(jobs[0][0], boxes, verbs, tok, any_dit.text_len, grid, codec.stride[0], f'layout {layout}')
+        refocused = parse_blocks(refocus_blocks, n_blocks, 'refocus_blocks')
+        print(f'refocusing {len(boxes)} phrase(s), {len(verbs)} verb(s) at blocks {block_string(refocused)}: '
+              f'{jobs[0][0]!r}')
 
     def generate(text, noise_seed):
         """One video [1, 3, T, H, W] in [-1, 1] for text, and the steps each expert took."""
@@ -564,8 +569,9 @@ def main():
                 with autocast:
                     x, losses = refocus(dit, x, tt, cond, y, plan, refocused, t, sampler.sigmas[sampler.index].item(), keep)
                 if losses:
-                    print(f'  t={t.item()}: layout losses before the last step: spatial {losses[0]:.4f}, '
-                          f'contrastive {losses[1]:.4f}', flush=True)
+                    print(f'  t={t.item()}: layout losses over the {refocus_iters} latent steps: spatial '
+                          f'{losses[0][0]:.4f} -> {losses[-1][0]:.4f}, contrastive {losses[0][1]:.4f} -> '
+                          f'{losses[-1][1]:.4f}', flush=True)
             on = scaled and within(t, alignvid_t)
             if on:
                 set_logit_scale(dit, alignvid, scaled)

@@ -2061,7 +2061,9 @@ def test_refocus_and_calibrate_on_a_trained_toy_model(align_run, tmp_path, monke
         r = run('sample.py', *args, '--layout=oracle', *extra, f'--out={tmp_path}/{name}.mp4')
         assert r.returncode == 0, r.stderr
         videos[name] = decord.VideoReader(str(tmp_path / f'{name}.mp4')).get_batch(range(9)).asnumpy()
-    assert 'layout losses' in r.stdout and not np.array_equal(videos['plain'], videos['refocused'])
+    assert not np.array_equal(videos['plain'], videos['refocused'])
+    fell = [(float(a), float(b)) for a, b in re.findall(r'spatial (\S+) -> (\S+),', r.stdout)]
+    assert len(fell) >= 2 and sum(b for _, b in fell) < sum(a for a, _ in fell), r.stdout
     monkeypatch.setattr(sample, 'layout_data', f'{align_run}/data/val.jsonl')
     caption, boxes, _ = sample.oracle_layout(9, 1)
     for name, v in videos.items():
@@ -2074,6 +2076,31 @@ def test_refocus_and_calibrate_on_a_trained_toy_model(align_run, tmp_path, monke
     lifts = re.search(r'\n  (.*)\n', r.stdout).group(1).split()
     blocks = sample.parse_blocks(re.search(r'--alignvid_blocks=(\S+)', r.stdout).group(1), 4, 'b')
     assert len(lifts) == 4 and len(blocks) == 2 and blocks == sorted(int(s.split(':')[0]) for s in lifts[:2])
+    if torch.distributed.is_available() and torch.distributed.is_gloo_available():
+        r = torchrun(2, 'sample.py', *args, '--layout=oracle', '--sp=2', f'--out={tmp_path}/sp.mp4')
+        assert r.returncode != 0 and 'run them in one process per video (--sp=1)' in r.stderr
+
+
+@pytest.mark.parametrize('model', ['ti2v-5b', 'i2v-a14b'])
+def test_alignment_on_official_folders(tmp_path, model):
+    """AlignVid and a layout file on image-to-video official folders (the token grid after the image's size
+    rounding; TI2V's pinned first frame)."""
+    import decord
+    vae = WanVAE(z_dim=6, dim=8, dec_dim=12, wan22=True, num_res_blocks=1) if model == 'ti2v-5b' else \
+        WanVAE(z_dim=4, dim=8, num_res_blocks=1)
+    experts, in_dim = ([''], 6) if model == 'ti2v-5b' else (['high_noise_model', 'low_noise_model'], 12)
+    root = fake_official(tmp_path / 'ckpt', model[:4], in_dim, vae, experts)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 200, 3), dtype=np.uint8)).save(tmp_path / 'im.png')
+    (tmp_path / 'l.json').write_text(json.dumps({
+        'prompt': 'a red circle moves right', 'verbs': [{'phrase': 'moves right', 'noun': 'a red circle'}],
+        'entities': [{'phrase': 'a red circle', 'boxes': {'0': [0.0, 0.2, 0.4, 0.8], '4': [0.6, 0.2, 1.0, 0.8]}}]}))
+    args = [f'--ckpt_dir={root}', f'--model={model}', '--frames=5', '--steps=4', f'--image={tmp_path}/im.png',
+            '--size=96*64', '--alignvid=1.35', '--alignvid_t=(0,1000)', f'--layout={tmp_path}/l.json',
+            '--refocus_blocks=1', '--refocus_iters=1', '--refocus_t=(0,1000)', f'--out={tmp_path}/o.mp4']
+    r = run('sample.py', *args)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count('layout losses') == 4 and "refocusing 1 phrase(s), 1 verb(s) at blocks 1" in r.stdout
+    assert len(decord.VideoReader(str(tmp_path / 'o.mp4'))) == 5
 
 
 def test_train_from_official_folder_and_export(tmp_path):
