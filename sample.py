@@ -315,6 +315,9 @@ def read_layout(path, frames):
 def oracle_layout(frames, stride):
     """The toy clip layout_clip of layout_data: its caption, each entity's mask bounding box on every frame where it
     shows, and its motion ("moves right") bound to it."""
+    if not os.path.isfile(layout_data):
+        raise SystemExit(f'layout=oracle reads clip {layout_clip} of layout_data={layout_data}, which does not exist: '
+                         f'render the toy set (python train_dit.py) or point layout_data at a manifest with masks')
     recs = [r for r in read_manifest(layout_data) if r['entities']]
     if layout_clip >= len(recs):
         raise SystemExit(f'layout_clip={layout_clip}: {layout_data} has {len(recs)} clips with masks')
