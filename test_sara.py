@@ -1782,6 +1782,11 @@ json.dump(seen, open(path, 'w'))
 '''
 
 
+def video_frames(path, n=9):
+    import decord
+    return decord.VideoReader(str(path)).get_batch(range(n)).asnumpy().astype(float)
+
+
 def wrapped_sample(tmp_path, mode, *args):
     (tmp_path / 'wrap.py').write_text(SAMPLE_WRAPPER)
     r = run(str(tmp_path / 'wrap.py'), mode, str(tmp_path / f'{mode}.json'), *args)
@@ -1836,8 +1841,9 @@ def align_run(tmp_path_factory):
 
 
 def test_alignment_off_is_bit_identical_to_the_dit_before_it(align_run, tmp_path, monkeypatch):
-    """With the hooks at their defaults every block output equals the pre-hook forward's bit for bit, and sample.py
-    at its default settings writes the same video as sample.py running the pre-hook forward."""
+    """With the hooks at their defaults every block output equals the pre-hook forward's bit for bit; sample.py at
+    its default settings writes the video of sample.py running the pre-hook forward (compared within CPU rounding
+    across processes: matmuls may round by buffer address; the same run's bytes are usually equal)."""
     from models.wan import WanCrossAttention
     model = randomise_dit(WanModel(**TINY))
     now = block_outputs(model, dit_inputs())
@@ -1848,7 +1854,9 @@ def test_alignment_off_is_bit_identical_to_the_dit_before_it(align_run, tmp_path
     wrapped_sample(tmp_path, 'old', *args, f'--out={tmp_path}/old.mp4')
     r = run('sample.py', *args, f'--out={tmp_path}/now.mp4')
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / 'old.mp4').read_bytes() == (tmp_path / 'now.mp4').read_bytes()
+    old, now = video_frames(tmp_path / 'old.mp4'), video_frames(tmp_path / 'now.mp4')
+    print(f'default sample against the pre-hook forward: mean |difference| {np.abs(old - now).mean():.4f} levels')
+    assert old.std() > 1 and np.abs(old - now).mean() < 0.05
 
 
 def test_alignvid_scale_is_the_softmax_temperature_and_lowers_entropy():
@@ -1921,20 +1929,30 @@ def test_alignvid_blocks_and_window_select_exactly(align_run, tmp_path, monkeypa
         sample.parse_blocks('wan14b', 30, 'alignvid_blocks')
     with pytest.raises(SystemExit, match='expected all'):
         sample.parse_blocks('x-3', 30, 'alignvid_blocks')
-    args = [f'--out_dir={align_run}/run', '--steps=5', '--shift=5', '--size=32*32']
-    seen, _ = wrapped_sample(tmp_path, 'record', *args, '--alignvid=1.35', '--alignvid_blocks=0,2-3',
+    args = [f'--out_dir={align_run}/run', '--steps=5', '--shift=5', '--size=32*32']  # alpha 4: a visible effect
+    seen, _ = wrapped_sample(tmp_path, 'record', *args, '--alignvid=4.0', '--alignvid_blocks=0,2-3',
                              '--alignvid_t=(600,990)', '--alignvid_uncond=False', f'--out={tmp_path}/on.mp4')
     ts = UniPC(5, 5.0).timesteps.tolist()
     assert ts[0] > 990 and any(t <= 600 for t in ts) and any(600 < t <= 990 for t in ts)
-    want = [[1.35 if 600 < t <= 990 and cond and b in (0, 2, 3) else None for b in range(4)]
+    want = [[4.0 if 600 < t <= 990 and cond and b in (0, 2, 3) else None for b in range(4)]
             for t in ts for cond in (True, False)]
     assert seen == [s for call in want for s in call]
     r = run('sample.py', *args, f'--out={tmp_path}/off.mp4')
     assert r.returncode == 0, r.stderr
     r = run('sample.py', *args, '--alignvid=2.0', '--alignvid_t=(0,1)', f'--out={tmp_path}/empty.mp4')
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / 'empty.mp4').read_bytes() == (tmp_path / 'off.mp4').read_bytes()
-    assert (tmp_path / 'on.mp4').read_bytes() != (tmp_path / 'off.mp4').read_bytes()
+    on, off, empty = (video_frames(tmp_path / f'{n}.mp4') for n in ('on', 'off', 'empty'))
+    effect = np.abs(on - off).mean()
+    print(f'mean |video difference|: alignvid on vs off {effect:.3f}, empty window vs off '
+          f'{np.abs(empty - off).mean():.4f} levels')
+    assert effect > 0.5 and np.abs(empty - off).mean() < 0.05  # (CPU rounding across processes, see above)
+    if torch.distributed.is_available() and torch.distributed.is_gloo_available():  # AlignVid under sp = 2
+        r = torchrun(2, 'sample.py', *args, '--alignvid=4.0', '--alignvid_blocks=0,2-3', '--alignvid_t=(600,990)',
+                     '--alignvid_uncond=False', f'--out={tmp_path}/sp.mp4')
+        assert r.returncode == 0 and 'sp 2' in r.stdout, r.stderr[-3000:]
+        sp = video_frames(tmp_path / 'sp.mp4')
+        print(f'alignvid under sp 2 vs 1 process: {np.abs(on - sp).mean():.3f} levels')
+        assert np.abs(on - sp).mean() < 0.2 * effect
 
 
 def refocus_setup(sample, monkeypatch, seed=0):
