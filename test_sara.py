@@ -2017,6 +2017,20 @@ def test_contrastive_term_ties_the_verb_to_its_noun(monkeypatch):
     assert all(p.grad is None for p in m.parameters())
 
 
+
+def test_refocus_gradient_is_the_same_with_block_checkpointing(monkeypatch):
+    """On a GPU refocusing recomputes blocks in backward; the probes' side outputs keep the same latent gradient."""
+    sample = sample_module(monkeypatch)
+    m, x, plan, _, _ = refocus_setup(sample, monkeypatch)
+    p, grads = plan([{0: [0, 0, 0.5, 1]}, {0: [0.5, 0, 1, 1]}], verbs=[0]), []
+    for ck in (False, True):
+        m.checkpointing = ck
+        sample.probe(m, [0, 1], p['idx'])
+        z = x.clone().requires_grad_()
+        m(z, torch.tensor([950.0]), torch.randn(1, 64, 64, generator=torch.Generator().manual_seed(0)), stop_after=2)
+        grads.append(torch.autograd.grad(sum(sample.layout_losses(sample.probed(m, [0, 1]), p)), z)[0])
+    assert grads[0].abs().max() > 0 and torch.equal(grads[0], grads[1])
+
 def test_layout_files_are_checked(tmp_path, monkeypatch):
     sample = sample_module(monkeypatch)
     build_tokenizer(['a red circle moves right and a blue square moves left'], tmp_path / 't.json')
