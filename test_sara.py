@@ -1751,6 +1751,390 @@ def test_ti2v_output_size_is_the_official_one(monkeypatch):
     assert best_output_size(1280, 704, 32, 32, 1280 * 704) == (1280, 704)
 
 
+# ---------------------------------------------------------------------------------------------- sampling-time alignment
+
+def old_cross_attention_forward(self, x, context):
+    """WanCrossAttention.forward and attention() (its SDPA branch) as they were before the sampling-time hooks."""
+    B, L, _ = x.shape
+    q = self.norm_q(self.q(x)).view(B, L, self.num_heads, self.head_dim)
+    k = self.norm_k(self.k(context)).view(B, -1, self.num_heads, self.head_dim)
+    v = self.v(context).view(B, -1, self.num_heads, self.head_dim)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    return self.o(out.flatten(2))
+
+
+# runs sample.py in a fresh process with WanCrossAttention.forward wrapped: 'old' replaces it by the forward above,
+# 'record' writes the logit scale of every cross-attention call (in call order) to a JSON file
+SAMPLE_WRAPPER = '''
+import inspect, json, os, runpy, sys
+sys.path.insert(0, os.getcwd())
+import models.wan as w
+import test_sara
+mode, path, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+seen, forward = [], w.WanCrossAttention.forward
+def record(self, x, context):
+    seen.append(self.logit_scale)
+    return forward(self, x, context)
+w.WanCrossAttention.forward = test_sara.old_cross_attention_forward if mode == 'old' else record
+sys.argv = ['sample.py', *args]
+runpy.run_path('sample.py', run_name='__main__')
+json.dump(seen, open(path, 'w'))
+'''
+
+
+def video_frames(path, n=9):
+    import decord
+    return decord.VideoReader(str(path)).get_batch(range(n)).asnumpy().astype(float)
+
+
+def wrapped_sample(tmp_path, mode, *args):
+    (tmp_path / 'wrap.py').write_text(SAMPLE_WRAPPER)
+    r = run(str(tmp_path / 'wrap.py'), mode, str(tmp_path / f'{mode}.json'), *args)
+    assert r.returncode == 0, r.stderr
+    return json.load(open(tmp_path / f'{mode}.json')), r.stdout
+
+
+def tiny_cross_attention(seed=0, dim=64, heads=2):
+    from models.wan import WanCrossAttention
+    torch.manual_seed(seed)
+    m = WanCrossAttention(dim, heads)
+    with torch.no_grad():  # the q/k norm gains stay 1: logits of order 1, as in a trained model
+        for n, p in m.named_parameters():
+            if not n.startswith('norm'):
+                p.normal_(0, 0.3)
+    g = torch.Generator().manual_seed(seed + 1)
+    return m.eval(), torch.randn(1, 10, dim, generator=g), torch.randn(1, 7, dim, generator=g)
+
+
+def qkv(m, x, context):
+    B, L, _ = x.shape
+    q = m.norm_q(m.q(x)).view(B, L, m.num_heads, m.head_dim)
+    k = m.norm_k(m.k(context)).view(B, -1, m.num_heads, m.head_dim)
+    return q, k, m.v(context).view(B, -1, m.num_heads, m.head_dim)
+
+
+def hand_attention(m, x, context, gamma_q=1.0, gamma_k=1.0):
+    """(probabilities [B, L, heads, M], module output) of softmax((gamma_q q)(gamma_k k)^T / sqrt(d)) v, by hand."""
+    q, k, v = qkv(m, x, context)
+    p = torch.einsum('blnd,bmnd->blnm', gamma_q * q, gamma_k * k).div(math.sqrt(m.head_dim)).softmax(-1)
+    return p, m.o(torch.einsum('blnm,bmnd->blnd', p, v).flatten(2))
+
+
+def block_outputs(model, inputs):
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, i, o: seen.append(o)) for b in model.blocks]
+    out = run_dit(model, inputs)
+    for h in hooks:
+        h.remove()
+    return [out, *seen]
+
+
+@pytest.fixture(scope='module')
+def align_run(tmp_path_factory):
+    """A 30-iteration debug run on 8 toy clips of 9 frames (stride 1) at 16x16, and 2 held-out clips with masks."""
+    root = tmp_path_factory.mktemp('align')
+    make_shapes(root / 'data', n_train=8, n_val=2, frames=9, size=32, fps=8, seed=0)
+    r = run('train_dit.py', f'--data={root}/data/train.jsonl', '--frames=9', '--frame_stride=1', '--height=16',
+            '--width=16', '--batch_size=4', '--warmup_iters=5', '--max_iters=30', f'--out_dir={root}/run')
+    assert r.returncode == 0, r.stderr
+    return root
+
+
+def test_alignment_off_is_bit_identical_to_the_dit_before_it(align_run, tmp_path, monkeypatch):
+    """With the hooks at their defaults every block output equals the pre-hook forward's bit for bit; sample.py at
+    its default settings writes the video of sample.py running the pre-hook forward (compared within CPU rounding
+    across processes: matmuls may round by buffer address; the same run's bytes are usually equal)."""
+    from models.wan import WanCrossAttention
+    model = randomise_dit(WanModel(**TINY))
+    now = block_outputs(model, dit_inputs())
+    monkeypatch.setattr(WanCrossAttention, 'forward', old_cross_attention_forward)
+    old = block_outputs(model, dit_inputs())
+    assert len(now) == 3 and all(torch.equal(a, b) for a, b in zip(now, old))
+    args = [f'--out_dir={align_run}/run', '--steps=3', '--size=32*32']
+    wrapped_sample(tmp_path, 'old', *args, f'--out={tmp_path}/old.mp4')
+    r = run('sample.py', *args, f'--out={tmp_path}/now.mp4')
+    assert r.returncode == 0, r.stderr
+    old, now = video_frames(tmp_path / 'old.mp4'), video_frames(tmp_path / 'now.mp4')
+    print(f'default sample against the pre-hook forward: mean |difference| {np.abs(old - now).mean():.4f} levels')
+    assert old.std() > 1 and np.abs(old - now).mean() < 0.05
+
+
+def test_alignvid_scale_is_the_softmax_temperature_and_lowers_entropy():
+    """alpha scales the logits: softmax(alpha q k^T / sqrt(d)) v by hand; gamma_q 1.2 with gamma_k 1.5 is alpha 1.8;
+    the attention entropy falls strictly as alpha grows; the adaptive variant follows its formula."""
+    m, x, context = tiny_cross_attention()
+    with torch.no_grad():
+        for alpha in (0.5, 1.35, 4.0):
+            m.logit_scale = alpha
+            assert torch.allclose(m(x, context), hand_attention(m, x, context, alpha)[1], atol=1e-5)
+        m.logit_scale = 1.8
+        assert torch.allclose(m(x, context), hand_attention(m, x, context, 1.2, 1.5)[1], atol=1e-5)
+        m.probe, entropy = torch.arange(context.shape[1]), {}
+        for alpha in (0.5, 1.0, 1.35, 2.0, 4.0):
+            m.logit_scale = alpha
+            m(x, context)
+            entropy[alpha] = -(m.probs * m.probs.clamp_min(1e-30).log()).sum(-1).mean().item()
+        print('cross-attention entropy (nats, log 7 = %.3f) by alpha: ' % math.log(7) +
+              ', '.join(f'{a:g}: {h:.4f}' for a, h in entropy.items()))
+        assert all(a > b for a, b in zip(list(entropy.values()), list(entropy.values())[1:]))
+        m.logit_scale, m.probe, m.adaptive = 2.0, None, True  # alpha_i = 1 + (2 - 1) H_i / log M per query and head
+        p = hand_attention(m, x, context)[0]
+        a = 1 + (-(p * p.log()).sum(-1, keepdim=True)) / math.log(7)
+        q, k, v = qkv(m, x, context)
+        want = m.o(F.scaled_dot_product_attention((a * q).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+                   .transpose(1, 2).flatten(2))
+        assert torch.allclose(m(x, context), want, atol=1e-5)
+        assert not torch.allclose(want, hand_attention(m, x, context, 2.0)[1], atol=1e-3)
+
+
+def test_probe_is_the_softmax_and_rebuilds_the_output():
+    """The probed probabilities are the softmax's columns (chunked or not, with their gradient) and, probing every
+    text row, reproduce the module's output."""
+    from models.wan import probe_probs
+    m, x, context = tiny_cross_attention(seed=3)
+    with torch.no_grad():
+        m.probe = torch.tensor([1, 4, 6])
+        out = m(x, context)
+        p, _ = hand_attention(m, x, context)
+        assert m.probs.shape == (1, 10, 2, 3) and torch.allclose(m.probs, p[..., [1, 4, 6]], atol=1e-6)
+        m.probe = torch.arange(7)
+        m(x, context)
+        v = m.v(context).view(1, 7, 2, -1)
+        assert torch.allclose(m.o(torch.einsum('blnm,bmnd->blnd', m.probs, v).flatten(2)), out, atol=1e-5)
+    q, k, _ = qkv(m, x, context)
+    q = q.detach().requires_grad_()
+    idx = torch.tensor([0, 2])
+    whole, chunked = probe_probs(q, k, idx, 0.3, chunk=100), probe_probs(q, k, idx, 0.3, chunk=3)
+    assert torch.allclose(whole, chunked, atol=1e-7)
+    w = torch.randn_like(whole)
+    g1, = torch.autograd.grad((whole * w).sum(), q)
+    g2, = torch.autograd.grad((chunked * w).sum(), q)
+    assert torch.allclose(g1, g2, atol=1e-6)
+
+
+def sample_module(monkeypatch):
+    monkeypatch.setattr(sys, 'argv', ['sample.py'])  # importing the script reads its settings from the arguments
+    import sample
+    return sample
+
+
+def test_alignvid_blocks_and_window_select_exactly(align_run, tmp_path, monkeypatch):
+    """Blocks and steps outside the settings run unscaled (the default path, bit-equal); the unconditional pass
+    follows alignvid_uncond; a window that holds no step gives the default video."""
+    sample = sample_module(monkeypatch)
+    assert sample.parse_blocks('0,2-7,10-20', 40, 'b') == [0, *range(2, 8), *range(10, 21)]
+    assert len(sample.parse_blocks('wan14b', 40, 'b')) == 28 and sample.parse_blocks('all', 3, 'b') == [0, 1, 2]
+    assert sample.block_string([0, 2, 3, 4, 7, 9, 10]) == '0,2-4,7,9-10'
+    with pytest.raises(SystemExit, match='names block 38, but the DiT has blocks 0-29'):
+        sample.parse_blocks('wan14b', 30, 'alignvid_blocks')
+    with pytest.raises(SystemExit, match='expected all'):
+        sample.parse_blocks('x-3', 30, 'alignvid_blocks')
+    args = [f'--out_dir={align_run}/run', '--steps=5', '--shift=5', '--size=32*32']  # alpha 4: a visible effect
+    seen, _ = wrapped_sample(tmp_path, 'record', *args, '--alignvid=4.0', '--alignvid_blocks=0,2-3',
+                             '--alignvid_t=(600,990)', '--alignvid_uncond=False', f'--out={tmp_path}/on.mp4')
+    ts = UniPC(5, 5.0).timesteps.tolist()
+    assert ts[0] > 990 and any(t <= 600 for t in ts) and any(600 < t <= 990 for t in ts)
+    want = [[4.0 if 600 < t <= 990 and cond and b in (0, 2, 3) else None for b in range(4)]
+            for t in ts for cond in (True, False)]
+    assert seen == [s for call in want for s in call]
+    r = run('sample.py', *args, f'--out={tmp_path}/off.mp4')
+    assert r.returncode == 0, r.stderr
+    r = run('sample.py', *args, '--alignvid=2.0', '--alignvid_t=(0,1)', f'--out={tmp_path}/empty.mp4')
+    assert r.returncode == 0, r.stderr
+    on, off, empty = (video_frames(tmp_path / f'{n}.mp4') for n in ('on', 'off', 'empty'))
+    effect = np.abs(on - off).mean()
+    print(f'mean |video difference|: alignvid on vs off {effect:.3f}, empty window vs off '
+          f'{np.abs(empty - off).mean():.4f} levels')
+    assert effect > 0.5 and np.abs(empty - off).mean() < 0.05  # (CPU rounding across processes, see above)
+    if torch.distributed.is_available() and torch.distributed.is_gloo_available():  # AlignVid under sp = 2
+        r = torchrun(2, 'sample.py', *args, '--alignvid=4.0', '--alignvid_blocks=0,2-3', '--alignvid_t=(600,990)',
+                     '--alignvid_uncond=False', f'--out={tmp_path}/sp.mp4')
+        assert r.returncode == 0 and 'sp 2' in r.stdout, r.stderr[-3000:]
+        sp = video_frames(tmp_path / 'sp.mp4')
+        print(f'alignvid under sp 2 vs 1 process: {np.abs(on - sp).mean():.3f} levels')
+        assert np.abs(on - sp).mean() < 0.2 * effect
+
+
+def refocus_setup(sample, monkeypatch, seed=0):
+    """A random debug-width DiT (gradients enabled on its weights, to show none arrive), a noisy latent of 3 x 8 x 8
+    tokens, a 12-token context, and plan(boxes, verbs) for nouns at tokens [1, 2] and [5] and a verb at token [3]."""
+    torch.manual_seed(seed)
+    m = WanModel(**{**wan_configs['debug'], 'num_layers': 2})
+    m.init_weights()
+    g = torch.Generator().manual_seed(seed)
+    x, ctx = torch.randn(1, 48, 3, 16, 16, generator=g), torch.randn(1, 64, 64, generator=g)
+    ctx[:, 12:] = 0
+    grid = (3, 8, 8)
+
+    def plan(boxes, verbs=()):
+        nouns = [([0, 1], sample.box_tokens(boxes[0], grid, 4)), ([3], sample.box_tokens(boxes[1], grid, 4))]
+        return dict(idx=torch.tensor([1, 2, 3, 5]), grid=grid, nouns=nouns, verbs=[([2], n) for n in verbs])
+
+    def maps(x, plan):
+        sample.probe(m, [0, 1], plan['idx'])
+        with torch.no_grad():
+            m(x, torch.tensor([950.0]), ctx, stop_after=2)
+        p = sample.probed(m, [0, 1])
+        sample.probe(m, [], None)
+        return [sample.phrase_map(p, cols, grid) for cols in ([0, 1], [3], [2])]  # noun 0, noun 1, verb
+
+    def refocus(x, plan):
+        with torch.no_grad():
+            return sample.refocus(m, x, torch.tensor([950.0]), ctx, None, plan, [0, 1], 950, 0.95, torch.ones_like(x))[0]
+    monkeypatch.setattr(sample, 'refocus_iters', 4)
+    return m, x, plan, maps, refocus
+
+
+def test_refocus_moves_attention_into_the_boxes(monkeypatch):
+    sample = sample_module(monkeypatch)
+    m, x, plan, maps, refocus = refocus_setup(sample, monkeypatch)
+    left, right = {0: [0.0, 0.0, 0.4, 1.0]}, {0: [0.6, 0.0, 1.0, 1.0]}
+    centroid = lambda p: (p.view(3, 8, 8).sum(1) * (torch.arange(8) + 0.5) / 8).sum(-1).mean().item()
+    inside = lambda p, keys: (p * sample.box_tokens(keys, (3, 8, 8), 4)).sum(-1).mean().item()
+    before = maps(x, plan([left, right]))[0]
+    after = {}
+    for name, keys in (('left', left), ('right', right)):
+        after[name] = maps(refocus(x, plan([keys, {0: [0, 0, 1, 1]}])), plan([keys, right]))[0]
+        print(f'noun mass in the {name} box: {inside(before, keys):.3f} -> {inside(after[name], keys):.3f}; '
+              f'centroid x {centroid(before):.3f} -> {centroid(after[name]):.3f}')
+        assert inside(after[name], keys) > inside(before, keys) + 0.05
+    assert centroid(after['left']) < centroid(before) < centroid(after['right'])
+    assert all(p.requires_grad and p.grad is None for p in m.parameters())
+
+
+def test_contrastive_term_ties_the_verb_to_its_noun(monkeypatch):
+    sample = sample_module(monkeypatch)
+    m, x, plan, maps, refocus = refocus_setup(sample, monkeypatch, seed=1)
+    monkeypatch.setattr(sample, 'refocus_t', (0.0, 0.0))  # the contrastive term alone
+    for noun in (0, 1):
+        p = plan([{0: [0, 0, 0.5, 1]}, {0: [0.5, 0, 1, 1]}], verbs=[noun])
+        n0, n1, v = maps(x, p)
+        gap = lambda n0, n1, v: sample.kl_adjacent(v, [n0, n1][noun]) - sample.kl_adjacent(v, [n1, n0][noun])
+        before = gap(n0, n1, v).item()
+        after = gap(*maps(refocus(x, p), p)).item()
+        print(f'verb bound to noun {noun}: KL(verb, its noun) - KL(verb, other noun) {before:.4f} -> {after:.4f}')
+        assert after < before - 1e-3
+    assert all(p.grad is None for p in m.parameters())
+
+
+
+def test_refocus_gradient_is_the_same_with_block_checkpointing(monkeypatch):
+    """On a GPU refocusing recomputes blocks in backward; the probes' side outputs keep the same latent gradient."""
+    sample = sample_module(monkeypatch)
+    m, x, plan, _, _ = refocus_setup(sample, monkeypatch)
+    p, grads = plan([{0: [0, 0, 0.5, 1]}, {0: [0.5, 0, 1, 1]}], verbs=[0]), []
+    for ck in (False, True):
+        m.checkpointing = ck
+        sample.probe(m, [0, 1], p['idx'])
+        z = x.clone().requires_grad_()
+        m(z, torch.tensor([950.0]), torch.randn(1, 64, 64, generator=torch.Generator().manual_seed(0)), stop_after=2)
+        grads.append(torch.autograd.grad(sum(sample.layout_losses(sample.probed(m, [0, 1]), p)), z)[0])
+    assert grads[0].abs().max() > 0 and torch.equal(grads[0], grads[1])
+
+def test_layout_files_are_checked(tmp_path, monkeypatch):
+    sample = sample_module(monkeypatch)
+    build_tokenizer(['a red circle moves right and a blue square moves left'], tmp_path / 't.json')
+    tok = Tokenizer(tmp_path / 't.json')
+    text = 'A red circle moves right and a blue square moves left'
+    assert sample.phrase_tokens(tok, text, 'blue square', 64, 'x') == [7, 8]
+    assert sample.phrase_tokens(tok, text, 'a red circle', 64, 'x') == [0, 1, 2]
+
+    def layout(spec, frames=9):
+        path = tmp_path / 'l.json'
+        path.write_text(spec if isinstance(spec, str) else json.dumps(spec))
+        return sample.read_layout(str(path), frames)
+    good = {'entities': [{'phrase': 'a red circle', 'boxes': {'0': [0.1, 0.1, 0.3, 0.4], '8': [0.6, 0.1, 0.8, 0.4]}}],
+            'verbs': [{'phrase': 'moves right', 'noun': 'a red circle'}]}
+    _, boxes, verbs = layout(good)
+    assert sample.box_at(boxes['a red circle'], 4) == pytest.approx([0.35, 0.1, 0.55, 0.4]) and verbs == [('moves right', 'a red circle')]
+    cover = sample.box_tokens({0: [0.25, 0.0, 0.5, 0.5]}, (1, 4, 4), 4).view(4, 4)
+    assert cover.tolist() == [[0, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    with pytest.raises(SystemExit, match="the phrase 'a green cone' is not in the prompt"):
+        sample.phrase_tokens(tok, text, 'a green cone', 64, 'layout l.json')
+    with pytest.raises(SystemExit, match=r'box \[0.1, 0.1, 1.3, 0.4\] is outside \[0, 1\]'):
+        layout({'entities': [{'phrase': 'a', 'boxes': {'0': [0.1, 0.1, 1.3, 0.4]}}]})
+    with pytest.raises(SystemExit, match=r'frame 9 is past the clip of 9 frames \(0-8\)'):
+        layout({'entities': [{'phrase': 'a', 'boxes': {'9': [0.1, 0.1, 0.3, 0.4]}}]})
+    with pytest.raises(SystemExit, match='not valid JSON'):
+        layout('{"entities": [')
+    with pytest.raises(SystemExit, match='non-empty "entities" list'):
+        layout({'boxes': []})
+    with pytest.raises(SystemExit, match='"noun" that is one of the entity phrases'):
+        layout({**good, 'verbs': [{'phrase': 'moves right', 'noun': 'a blue square'}]})
+
+
+def box_colour_mass(video, caption, boxes, stride=4):
+    """Share of the pixels of each caption entity's colour (eval.py's colour distance) that lie inside its box,
+    over the frames of a decoded video [T, H, W, 3] uint8; boxes from the layout, interpolated at each frame."""
+    import eval as judge
+    import sample
+    T, H, W, _ = video.shape
+    out = {}
+    for name, keys in boxes.items():
+        colour = judge.COLOURS[name.split()[1]]
+        near = np.linalg.norm(video.astype(np.float32) - np.float32(colour), axis=-1) < judge.colour_dist
+        inside = np.zeros_like(near)
+        for p in range(T):
+            x0, y0, x1, y1 = sample.box_at(keys, p)
+            inside[p, round(y0 * H):round(y1 * H), round(x0 * W):round(x1 * W)] = True
+        out[name] = (near & inside).sum() / max(near.sum(), 1)
+    return out
+
+
+def test_refocus_and_calibrate_on_a_trained_toy_model(align_run, tmp_path, monkeypatch):
+    """End to end on the toy run: the oracle layout of a held-out clip (its caption, boxes from its masks) with and
+    without refocusing, the losses printed per step fall within the window, the video changes; calibrate lists the
+    share of blocks asked for. The colour mass in the boxes is printed (a report, no threshold)."""
+    import decord
+    sample = sample_module(monkeypatch)
+    args = [f'--out_dir={align_run}/run', '--steps=6', '--size=32*32', f'--layout_data={align_run}/data/val.jsonl']
+    videos = {}
+    for name, extra in (('plain', ['--refocus_t=(0,0)', '--refocus_verb_t=(0,0)']), ('refocused', [])):
+        r = run('sample.py', *args, '--layout=oracle', *extra, f'--out={tmp_path}/{name}.mp4')
+        assert r.returncode == 0, r.stderr
+        videos[name] = decord.VideoReader(str(tmp_path / f'{name}.mp4')).get_batch(range(9)).asnumpy()
+    assert not np.array_equal(videos['plain'], videos['refocused'])
+    fell = [(float(a), float(b)) for a, b in re.findall(r'spatial (\S+) -> (\S+),', r.stdout)]
+    assert len(fell) >= 2 and sum(b for _, b in fell) < sum(a for a, _ in fell), r.stdout
+    monkeypatch.setattr(sample, 'layout_data', f'{align_run}/data/val.jsonl')
+    caption, boxes, _ = sample.oracle_layout(9, 1)
+    for name, v in videos.items():
+        print(f'{name}: colour mass inside the boxes ' +
+              ', '.join(f'{k} {m:.3f}' for k, m in box_colour_mass(v, caption, boxes).items()))
+    r = run('sample.py', f'--out_dir={align_run}/run', '--size=32*32', f'--calibrate={align_run}/data/train.jsonl',
+            '--calibrate_clips=4', '--calibrate_keep=0.5')
+    assert r.returncode == 0, r.stderr
+    print(r.stdout)
+    lifts = re.search(r'\n  (.*)\n', r.stdout).group(1).split()
+    blocks = sample.parse_blocks(re.search(r'--alignvid_blocks=(\S+)', r.stdout).group(1), 4, 'b')
+    assert len(lifts) == 4 and len(blocks) == 2 and blocks == sorted(int(s.split(':')[0]) for s in lifts[:2])
+    if torch.distributed.is_available() and torch.distributed.is_gloo_available():
+        r = torchrun(2, 'sample.py', *args, '--layout=oracle', '--sp=2', f'--out={tmp_path}/sp.mp4')
+        assert r.returncode != 0 and 'run them in one process per video (--sp=1)' in r.stderr
+
+
+@pytest.mark.parametrize('model', ['ti2v-5b', 'i2v-a14b'])
+def test_alignment_on_official_folders(tmp_path, model):
+    """AlignVid and a layout file on image-to-video official folders (the token grid after the image's size
+    rounding; TI2V's pinned first frame)."""
+    import decord
+    vae = WanVAE(z_dim=6, dim=8, dec_dim=12, wan22=True, num_res_blocks=1) if model == 'ti2v-5b' else \
+        WanVAE(z_dim=4, dim=8, num_res_blocks=1)
+    experts, in_dim = ([''], 6) if model == 'ti2v-5b' else (['high_noise_model', 'low_noise_model'], 12)
+    root = fake_official(tmp_path / 'ckpt', model[:4], in_dim, vae, experts)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 200, 3), dtype=np.uint8)).save(tmp_path / 'im.png')
+    (tmp_path / 'l.json').write_text(json.dumps({
+        'prompt': 'a red circle moves right', 'verbs': [{'phrase': 'moves right', 'noun': 'a red circle'}],
+        'entities': [{'phrase': 'a red circle', 'boxes': {'0': [0.0, 0.2, 0.4, 0.8], '4': [0.6, 0.2, 1.0, 0.8]}}]}))
+    args = [f'--ckpt_dir={root}', f'--model={model}', '--frames=5', '--steps=4', f'--image={tmp_path}/im.png',
+            '--size=96*64', '--alignvid=1.35', '--alignvid_t=(0,1000)', f'--layout={tmp_path}/l.json',
+            '--refocus_blocks=1', '--refocus_iters=1', '--refocus_t=(0,1000)', f'--out={tmp_path}/o.mp4']
+    r = run('sample.py', *args)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count('layout losses') == 4 and "refocusing 1 phrase(s), 1 verb(s) at blocks 1" in r.stdout
+    assert len(decord.VideoReader(str(tmp_path / 'o.mp4'))) == 5
+
+
 def test_train_from_official_folder_and_export(tmp_path):
     vae = WanVAE(z_dim=6, dim=8, dec_dim=12, wan22=True, num_res_blocks=1)
     root = fake_official(tmp_path / 'ckpt', 'ti2v', 6, vae, [''])

@@ -218,3 +218,13 @@ class Tokenizer:
         ids = torch.tensor([r + [self.pad_id] * (text_len - len(r)) for r in rows], dtype=torch.long)
         mask = torch.tensor([[1] * len(r) + [0] * (text_len - len(r)) for r in rows], dtype=torch.long)
         return ids, mask
+
+    def offsets(self, text):
+        """(start, end) character offsets in clean_text(text) of its tokens before </s>, in order (phrase -> tokens)."""
+        text = clean_text(text)
+        if self.sp is not None:  # sentencepiece gives byte offsets
+            b = text.encode()
+            return [(len(b[:p.begin].decode(errors='ignore')), len(b[:p.end].decode(errors='ignore')))
+                    for p in self.sp.encode(text, out_type='immutable_proto').pieces]
+        self.tok.no_truncation()
+        return list(self.tok.encode(text, add_special_tokens=False).offsets)

@@ -41,15 +41,29 @@ def fp32(x):
     return torch.autocast('cuda', dtype=torch.float32) if x.is_cuda else contextlib.nullcontext()
 
 
-def attention(q, k, v):
-    """q, k, v: [B, L, heads, head_dim]. FlashAttention on CUDA when present, else SDPA; bf16 under autocast."""
+def attention(q, k, v, scale=None):
+    """q, k, v: [B, L, heads, head_dim]. FlashAttention on CUDA when present, else SDPA; bf16 under autocast.
+    scale: the softmax scale (None = 1/sqrt(head_dim), the same call as without it)."""
     if q.is_cuda and torch.is_autocast_enabled('cuda'):
         dtype = torch.get_autocast_dtype('cuda')
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        out = flash_attn_func(q, k, v)
+        out = flash_attn_func(q, k, v, softmax_scale=scale)
         return out[0] if isinstance(out, tuple) else out
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          scale=scale).transpose(1, 2)
+
+
+def probe_probs(q, k, idx, scale, chunk=4096):
+    """Softmax probabilities of the keys idx (over all keys) for each query: q [B, L, n, d], k [B, M, n, d] ->
+    [B, L, n, len(idx)] in fp32. Chunks of `chunk` queries, each recomputed in backward, so neither pass holds
+    L x M x heads at once (a 720p TI2V-5B video has L = 28k tokens, M = 512 text rows, 24 heads)."""
+    def part(qc, k):
+        logits = torch.einsum('blnd,bmnd->blnm', qc.float(), k.float()) * scale
+        return logits.softmax(-1)[..., idx]
+    parts = [checkpoint(part, qc, k, use_reentrant=False) if torch.is_grad_enabled() else part(qc, k)
+             for qc in q.split(chunk, dim=1)]
+    return torch.cat(parts, dim=1)
 
 
 def sinusoidal_embedding_1d(dim, pos):
@@ -120,12 +134,39 @@ class WanSelfAttention(nn.Module):
 
 
 class WanCrossAttention(WanSelfAttention):
+    def __init__(self, dim, num_heads, eps=1e-6):
+        super().__init__(dim, num_heads, eps)
+        # sampling-time hooks (sample.py's AlignVid / StarVid), plain attributes so checkpoints do not see them:
+        self.logit_scale = None  # alpha: softmax(alpha q k^T / sqrt(d)), i.e. (gamma q)(eta k)^T with alpha = gamma eta
+        self.adaptive = False    # with logit_scale: alpha per query and head from its entropy (adaptive_scale)
+        self.probe = None        # text-row indices whose probabilities forward() stores in self.probs [B, L, heads, n]
+        self.probs = None
+
     def forward(self, x, context):
         B, L, _ = x.shape
         q = self.norm_q(self.q(x)).view(B, L, self.num_heads, self.head_dim)
         k = self.norm_k(self.k(context)).view(B, -1, self.num_heads, self.head_dim)
         v = self.v(context).view(B, -1, self.num_heads, self.head_dim)
-        return self.o(attention(q, k, v).flatten(2))  # all text rows attend, padding included, as officially
+        scale = None
+        if self.logit_scale is not None and self.adaptive:
+            q = q * adaptive_scale(q, k, self.logit_scale).to(q.dtype)  # a per-row alpha is a per-row scale of q
+        elif self.logit_scale is not None:
+            scale = self.logit_scale / math.sqrt(self.head_dim)
+        if self.probe is not None:
+            self.probs = probe_probs(q, k, self.probe, 1 / math.sqrt(self.head_dim) if scale is None else scale)
+        return self.o(attention(q, k, v, scale).flatten(2))  # all text rows attend, padding included, as officially
+
+
+def adaptive_scale(q, k, alpha, chunk=4096):
+    """Entropy-adaptive AlignVid (our formula; the poster gives none): alpha_i = 1 + (alpha - 1) H_i / log M per
+    query i and head, H_i the entropy of its unscaled attention over the M text rows. A diffuse row (H = log M) gets
+    the full alpha, a focused one (H = 0) none. -> [B, L, heads, 1]; no gradient (a schedule, not a loss)."""
+    with torch.no_grad():
+        out = []
+        for qc in q.split(chunk, dim=1):
+            logp = torch.einsum('blnd,bmnd->blnm', qc.float(), k.float()).div(math.sqrt(q.shape[-1])).log_softmax(-1)
+            out.append(-(logp.exp() * logp).sum(-1, keepdim=True))
+        return 1 + (alpha - 1) * torch.cat(out, dim=1) / math.log(k.shape[1])
 
 
 class WanAttentionBlock(nn.Module):
@@ -191,14 +232,15 @@ class WanModel(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
         nn.init.zeros_(self.head.head.weight)
 
-    def forward(self, x, t, context, y=None, features_at=0, group=None):
+    def forward(self, x, t, context, y=None, features_at=0, group=None, stop_after=0):
         """x: [B, C, F, H, W] latents; t: [B] or per-token [B, L] timesteps in [0, 1000];
         context: [B, text_len, text_dim] text features, zero-padded; y: [B, C', F, H, W] extra i2v channels.
         Returns the velocity prediction [B, out_dim, F, H, W] in fp32, and with features_at = k > 0 also the
         tokens [B, L, dim] after block k (1-indexed, as VideoREPA's align_layer).
         group: the sequence-parallel group. Every rank passes the same inputs and gets the same output; the blocks
         see this rank's contiguous chunk of the tokens (padded to a multiple of sp), so the features are that chunk
-        [B, pad_len(L, group) / sp, dim] (gather them with models.parallel.seq_gather)."""
+        [B, pad_len(L, group) / sp, dim] (gather them with models.parallel.seq_gather).
+        stop_after = k > 0 runs blocks 1..k only and returns their tokens (no head): sampling-time probes need no more."""
         if y is not None:
             x = torch.cat([x, y], dim=1)
         x = self.patch_embedding(x)
@@ -222,6 +264,8 @@ class WanModel(nn.Module):
                 x = block(x, e0, freqs, context, group, n)
             if i + 1 == features_at:
                 features = x
+            if i + 1 == stop_after:
+                return x
         out = self.unpatchify(seq_gather(self.head(x, e), group, n), (f, h, w)).float()
         return (out, features) if features_at else out
 
