@@ -1,6 +1,7 @@
 """Speed and memory in one table: our DiT against diffusers' WanTransformer3DModel with the same weights, inputs and
-dtype; MFU against the bf16 matmul peak measured in the same run; TRD against a naive N x N loss; one sampling step;
-and a per-GPU memory planner (torch's FSDP2 memory tracker under a fake process group, no GPU needed).
+dtype; MFU against the bf16 matmul peak measured in the same run; TRD against a naive N x N loss; one sampling step,
+plain and with sample.py's sampling-time alignment options (AlignVid, entropy-adaptive AlignVid, refocusing); and a
+per-GPU memory planner (torch's FSDP2 memory tracker under a fake process group, no GPU needed).
 
     python bench.py                                      # small shapes on the CPU, 1-3 minutes on 2 shared cores
     python bench.py --model=ti2v-5b --frames=121 --height=704 --width=1280 --blocks=10      # one GPU
@@ -14,6 +15,7 @@ checkpointing is not counted as model FLOPs (the usual MFU convention), so check
 import contextlib
 import gc
 import math
+import sys
 import time
 
 import torch
@@ -490,7 +492,31 @@ def main_bench(dev):
         with torch.no_grad(), autocast:
             v_c, v_u = dit(x, t, ctx), dit(x, t, torch.zeros_like(ctx))
             return solver.step(v_u + 5.0 * (v_c - v_u), x)
-    s_sample = timed(sample_step, dev=dev)
+    # the same step with the sampling-time alignment options of sample.py (README: Training-free alignment)
+    argv, sys.argv = sys.argv, sys.argv[:1]  # sample.py reads its settings from the command line when imported
+    try:
+        import sample
+    finally:
+        sys.argv = argv
+    every = list(range(len(dit.blocks)))
+
+    def aligned(adaptive):  # AlignVid, alpha 1.35 on every block
+        def go():
+            sample.alignvid_adaptive = adaptive
+            sample.set_logit_scale(dit, 1.35, every)
+            sample_step()
+            sample.alignvid_adaptive = False
+            sample.set_logit_scale(dit, None, every)
+        return go
+    box = lambda x0: sample.box_tokens({0: [x0, 0.2, x0 + 0.4, 0.8]}, grid, 4).to(dev)  # 4 pixel frames a latent frame
+    layout = dict(idx=torch.tensor([1, 2, 3, 5, 6]), grid=grid, nouns=[([0, 1], box(0.1)), ([3, 4], box(0.5))],
+                  verbs=[([2], 0)])  # two nouns with boxes, one verb bound to the first
+
+    def refocused():  # sample.refocus_iters (3) latent gradient steps through all the blocks, t = 950 in its windows
+        with autocast:
+            sample.refocus(dit, x, t, ctx, None, layout, every, 950, 0.95, torch.ones_like(x))
+        sample_step()
+    s_sample, s_align, s_adapt, s_refocus = timed(sample_step, aligned(False), aligned(True), refocused, dev=dev)
     gc.collect()
 
     # TRD: blocked (models/trd.py) against the naive N x N loss, forward + backward, fp32 (as the trainer runs it)
@@ -534,6 +560,11 @@ def main_bench(dev):
     rows.append(('  TRD peak memory', fmt_gib(m_trd), fmt_gib(m_naive) if m_naive else '-',
                  f'{m_naive / m_trd:.1f}x; loss {lb:.6f} vs {ln:.6f}' if m_naive else ''))
     rows.append(('sampling step (cfg pair + UniPC update)', ms(s_sample), '-', 'ours only'))
+    extra = lambda s: f'{s / s_sample - 1:+.0%} over the plain step'
+    rows.append(('  with AlignVid (alpha 1.35, all blocks)', ms(s_align), '-', extra(s_align)))
+    rows.append(('  with AlignVid, entropy-adaptive', ms(s_adapt), '-', extra(s_adapt)))
+    rows.append((f'  with refocusing ({sample.refocus_iters} iterations, 2 nouns + 1 verb)', ms(s_refocus), '-',
+                 extra(s_refocus)))
     w1 = max(len(r[0]) for r in rows)
     w2 = max(len(r[1]) for r in rows + [('', 'ours')])
     w3 = max(len(r[2]) for r in rows + [('', '', 'reference')])

@@ -2991,6 +2991,13 @@ def test_bench_prints_ours_diffusers_and_their_ratio():
     assert float(re.search(r'output max rel difference .*\| +([\d.e+-]+) \|', out).group(1)) < 1e-4  # same weights
     for row in ('MFU', 'peak memory', 'attention backend', 'TRD fwd+bwd', 'TRD peak memory', 'sampling step'):
         assert re.search(rf'^\| +{re.escape(row)}', out, re.M), row
+    aligned = ('with AlignVid (alpha 1.35, all blocks)', 'with AlignVid, entropy-adaptive',
+               'with refocusing (3 iterations, 2 nouns + 1 verb)')
+    for row in aligned:  # the sampling step with each sampling-time option, and its extra cost
+        assert re.search(rf'^\|   {re.escape(row)} +\| +[\d,.]+ ms \| +- \| [+-]\d+% over the plain step$', out, re.M), row
+    rows = [line.split('|')[1].strip() for line in out.splitlines() if line.startswith('|')]
+    at = rows.index('sampling step (cfg pair + UniPC update)')
+    assert tuple(rows[at + 1:at + 4]) == aligned  # right after the plain step
 
 
 def test_dit_flops_match_torch_flop_counter(monkeypatch):
