@@ -2863,7 +2863,7 @@ def test_batch_sampling_names_files_like_vbench_and_splits_the_prompts(layouts, 
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr[-3000:]
     assert sorted(os.listdir(tmp_path / 'one')) == sorted(os.listdir(tmp_path / 'two')) == want
     ranks = {}
-    for name, rank in re.findall(r'^wrote .*/([^/]*\.mp4): .*; rank (\d)$', two.stdout, re.M):
+    for name, rank in re.findall(r'wrote [^\n]*?([^/\n]*\.mp4): [^\n]*?; rank (\d)', two.stdout):  # lines may interleave
         ranks.setdefault(rank, set()).add(name)
     assert sorted(ranks) == ['0', '1'] and ranks['0'].isdisjoint(ranks['1']) and len(ranks['0']) == len(ranks['1']) == 3
     frames = lambda folder, name: decord.VideoReader(str(tmp_path / folder / name)).get_batch(range(9)).asnumpy()
@@ -2961,21 +2961,22 @@ def test_eval_samples_and_judges_runs(tiny_run, tmp_path):
 
 
 def test_a_short_run_raises_the_judge_score(tmp_path):
-    """Learning, end to end: 150 iterations on 32x32 toy clips lift the judge's score of the samples (fixed seeds)
-    above those of the same model untrained (learning rate 0): a floor closer to grey. A broken target, loss or
-    sampler leaves the samples as noisy as the untrained model's."""
-    make_shapes(tmp_path / 'data', n_train=16, n_val=2, frames=9, size=32, fps=8, seed=0)
-    args = [f'--data={tmp_path}/data/train.jsonl', '--frames=5', '--log_interval=50', '--warmup_iters=10']
-    for name, extra in (('untrained', ['--max_iters=1', '--learning_rate=0']), ('trained', ['--max_iters=150'])):
+    """Learning, end to end, as nanoGPT's overfit check: 300 iterations on two 32x32 toy clips lift the judge's
+    score of samples of their captions (fixed seeds) well above the same model untrained (learning rate 0). A broken
+    target, loss, codec or sampler leaves the samples as noisy as the untrained model's."""
+    make_shapes(tmp_path / 'data', n_train=2, n_val=1, frames=9, size=32, fps=8, seed=0)
+    args = [f'--data={tmp_path}/data/train.jsonl', '--frames=5', '--batch_size=2', '--log_interval=100',
+            '--warmup_iters=10']
+    for name, extra in (('untrained', ['--max_iters=1', '--learning_rate=0']), ('trained', ['--max_iters=300'])):
         r = run('train_dit.py', *args, f'--out_dir={tmp_path}/{name}', *extra)
         assert r.returncode == 0, r.stderr
-    r = run('eval.py', f'--videos={tmp_path}/data/val.jsonl', f'--runs={tmp_path}/untrained,{tmp_path}/trained',
-            '--seeds=2', '--steps=10', f'--out={tmp_path}/j.json')
+    r = run('eval.py', f'--videos={tmp_path}/data/train.jsonl', f'--runs={tmp_path}/untrained,{tmp_path}/trained',
+            '--seeds=2', '--steps=20', f'--out={tmp_path}/j.json')
     assert r.returncode == 0, r.stderr
     table = json.load(open(tmp_path / 'j.json'))['table']
     before, after = (table[f'{tmp_path}/{n}'] for n in ('untrained', 'trained'))
-    print(f"judge score untrained {before['score']['mean']:.3f}, after 150 iterations {after['score']['mean']:.3f}")
-    assert after['score']['mean'] > before['score']['mean'] + 0.02  # measured: 0.062 -> 0.102
+    print(f"judge score untrained {before['score']['mean']:.3f}, after 300 iterations {after['score']['mean']:.3f}")
+    assert after['score']['mean'] > before['score']['mean'] + 0.05  # measured: 0.062 -> 0.160 (500 iterations: 0.271)
 
 
 # ---------------------------------------------------------------------------------------------- bench.py
