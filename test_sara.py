@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from torch.profiler import ProfilerActivity, profile
 
 import models.checkpoint as checkpoint
 from data import COLOURS, ClipLoader, load_clip, make_shapes, read_manifest, write_video
@@ -1573,26 +1572,15 @@ def test_errors():
         trd_loss(z, z, torch.rand(1, 8), route='nope')
 
 
-def profiled_peak(fn):
-    """Peak of the running sum of CPU allocator events (bytes) while fn runs, from the profiler's raw events."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == '[memory]')
-    cur = peak = 0
-    for _, nbytes in events:
-        cur += nbytes
-        peak = max(peak, cur)
-    return peak
-
-
 def test_memory_stays_below_an_eighth_of_one_gram():
+    from bench import cpu_peak  # the allocator's own events, as bench.py measures them
     # the method sees a materialised N x N matrix: a naive Gram at N = 4096 must register >= 64 MiB
     a = torch.randn(4096, 64)
-    assert profiled_peak(lambda: (a @ a.T).relu_().sum()) >= 4096 ** 2 * 4
+    assert cpu_peak(lambda: (a @ a.T).relu_().sum()) >= 4096 ** 2 * 4
     N, D = 16384, 256
     torch.manual_seed(0)
     z, y, w = torch.randn(1, N, D, requires_grad=True), torch.randn(1, N, D), torch.rand(1, N)
-    peak = profiled_peak(lambda: trd_loss(z, y, w, route='or', block=256).backward())
+    peak = cpu_peak(lambda: trd_loss(z, y, w, route='or', block=256).backward())
     print(f'TRD forward+backward at N={N}, D={D}, block=256: peak {peak / 2 ** 20:.1f} MiB beyond inputs')
     assert z.grad is not None and z.grad.abs().sum() > 0
     assert peak < N * N * 4 / 8, f'{peak / 2 ** 20:.1f} MiB'
