@@ -2991,6 +2991,19 @@ def test_bench_prints_ours_diffusers_and_their_ratio():
     assert tuple(rows[at + 1:at + 4]) == aligned  # right after the plain step
 
 
+def test_learning_rate_warms_up_then_decays_to_its_floor(monkeypatch):
+    monkeypatch.setattr(sys, 'argv', ['train_dit.py'])
+    import train_dit
+    for k, v in dict(learning_rate=2e-3, warmup_iters=50, lr_decay_iters=1200, lr_floor=0.1).items():
+        monkeypatch.setattr(train_dit, k, v)
+    lrs = [train_dit.lr_at(i) for i in range(1300)]
+    assert lrs[0] == 2e-3 / 50 and lrs[49] == lrs[50] == 2e-3
+    assert all(a > b for a, b in zip(lrs[50:1200], lrs[51:1201]))
+    assert lrs[625] == pytest.approx(1.1e-3) and lrs[1200] == lrs[1299] == pytest.approx(2e-4)
+    monkeypatch.setattr(train_dit, 'lr_decay_iters', 0)  # constant after warmup (fine-tuning official weights)
+    assert train_dit.lr_at(49) == train_dit.lr_at(5000) == 2e-3
+
+
 def test_dit_flops_match_torch_flop_counter(monkeypatch):
     # bench.dit_flops counts the blocks' matmuls by formula; torch's FlopCounterMode counts every matmul of a real
     # block forward + backward (inputs needing gradients, as inside the DiT). The CPU's fused SDPA kernel has no FLOP
