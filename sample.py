@@ -120,6 +120,15 @@ def best_output_size(w, h, dw, dh, area):
     return (ow1, oh1) if err(ow1, oh1) < err(ow2, oh2) else (ow2, oh2)
 
 
+def i2v_condition(codec, image, n_frames):
+    """I2V-A14B's extra input channels for a first frame image [1, 3, H, W]: 4 mask channels (1 on latent frame 0, the
+    given frame's 4 "pixel frames") and the latents of the image followed by n_frames - 1 black frames."""
+    z = codec.encode(torch.cat([image[:, :, None], image.new_zeros(1, 3, n_frames - 1, *image.shape[-2:])], dim=2))
+    msk = torch.zeros_like(z[:, :4])
+    msk[:, :, 0] = 1
+    return torch.cat([msk, z], dim=1)
+
+
 def load_image(path):
     from PIL import Image
     if not os.path.exists(path):
@@ -435,9 +444,7 @@ def calibrate_blocks(experts, t5, tok, codec, d, dev, n_frames, h, w, autocast):
         xt = (1 - s) * x0 + s * torch.randn(x0.shape, generator=torch.Generator(dev).manual_seed(seed + k), device=dev)
         y = None
         if dit.model_type == 'i2v':  # I2V-A14B: the clip's first frame as the conditioning image
-            msk = torch.zeros_like(x0[:, :4])
-            msk[:, :, 0] = 1
-            y = torch.cat([msk, codec.encode(torch.cat([video[:, :, :1], torch.zeros_like(video[:, :, 1:])], 2))], 1)
+            y = i2v_condition(codec, video[:, :, 0], n_frames)
         ids, mask = tok([clip['caption']], dit.text_len)
         context = encode(t5, ids.to(next(t5.parameters()).device), mask.to(next(t5.parameters()).device),
                          dit.text_len).to(dev)
@@ -514,10 +521,7 @@ def main():
             lat_w = round(math.sqrt(w * h / aspect) // s // p * p)
             h, w = lat_h * s, lat_w * s
             img = torch.nn.functional.interpolate(img[None], size=(h, w), mode='bicubic')
-            clip = torch.cat([img[:, :, None], torch.zeros(1, 3, n_frames - 1, h, w)], dim=2)
-            msk = torch.zeros(1, 4, (n_frames - 1) // 4 + 1, lat_h, lat_w)
-            msk[:, :, 0] = 1  # frame 0 is given: its 4 "pixel frames" in the 4 mask channels
-            y = torch.cat([msk.to(dev), codec.encode(clip.to(dev))], dim=1)
+            y = i2v_condition(codec, img.to(dev), n_frames)
         elif image and ckpt_dir:
             from PIL import Image
             img = load_image(image)

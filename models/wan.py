@@ -54,16 +54,19 @@ def attention(q, k, v, scale=None):
                                           scale=scale).transpose(1, 2)
 
 
-def probe_probs(q, k, idx, scale, chunk=4096):
-    """Softmax probabilities of the keys idx (over all keys) for each query: q [B, L, n, d], k [B, M, n, d] ->
-    [B, L, n, len(idx)] in fp32. Chunks of `chunk` queries, each recomputed in backward, so neither pass holds
-    L x M x heads at once (a 720p TI2V-5B video has L = 28k tokens, M = 512 text rows, 24 heads)."""
+def text_logits_map(q, k, scale, fn, chunk=4096):
+    """fn of the fp32 cross-attention logits [B, c, heads, M] of each chunk of c queries, concatenated over the L
+    queries: q [B, L, n, d], k [B, M, n, d]. Under autograd each chunk is recomputed in backward, so neither pass
+    holds L x M x heads at once (a 720p TI2V-5B video has L = 28k tokens, M = 512 text rows, 24 heads)."""
     def part(qc, k):
-        logits = torch.einsum('blnd,bmnd->blnm', qc.float(), k.float()) * scale
-        return logits.softmax(-1)[..., idx]
-    parts = [checkpoint(part, qc, k, use_reentrant=False) if torch.is_grad_enabled() else part(qc, k)
-             for qc in q.split(chunk, dim=1)]
-    return torch.cat(parts, dim=1)
+        return fn(torch.einsum('blnd,bmnd->blnm', qc.float(), k.float()) * scale)
+    return torch.cat([checkpoint(part, qc, k, use_reentrant=False) if torch.is_grad_enabled() else part(qc, k)
+                      for qc in q.split(chunk, dim=1)], dim=1)
+
+
+def probe_probs(q, k, idx, scale, chunk=4096):
+    """Softmax probabilities of the keys idx (over all keys) for each query -> [B, L, n, len(idx)] in fp32."""
+    return text_logits_map(q, k, scale, lambda z: z.softmax(-1)[..., idx], chunk)
 
 
 def sinusoidal_embedding_1d(dim, pos):
@@ -157,16 +160,15 @@ class WanCrossAttention(WanSelfAttention):
         return self.o(attention(q, k, v, scale).flatten(2))  # all text rows attend, padding included, as officially
 
 
-def adaptive_scale(q, k, alpha, chunk=4096):
+def adaptive_scale(q, k, alpha):
     """Entropy-adaptive AlignVid (our formula; the poster gives none): alpha_i = 1 + (alpha - 1) H_i / log M per
     query i and head, H_i the entropy of its unscaled attention over the M text rows. A diffuse row (H = log M) gets
     the full alpha, a focused one (H = 0) none. -> [B, L, heads, 1]; no gradient (a schedule, not a loss)."""
+    def entropy(z):
+        logp = z.log_softmax(-1)
+        return -(logp.exp() * logp).sum(-1, keepdim=True)
     with torch.no_grad():
-        out = []
-        for qc in q.split(chunk, dim=1):
-            logp = torch.einsum('blnd,bmnd->blnm', qc.float(), k.float()).div(math.sqrt(q.shape[-1])).log_softmax(-1)
-            out.append(-(logp.exp() * logp).sum(-1, keepdim=True))
-        return 1 + (alpha - 1) * torch.cat(out, dim=1) / math.log(k.shape[1])
+        return 1 + (alpha - 1) * text_logits_map(q, k, 1 / math.sqrt(q.shape[-1]), entropy) / math.log(k.shape[1])
 
 
 class WanAttentionBlock(nn.Module):
