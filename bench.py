@@ -25,7 +25,7 @@ from models.settings import configure, run
 from torch.distributed.device_mesh import init_device_mesh
 from models.trd import trd_loss
 from models.unipc import UniPC
-from models.wan import WanModel, configs as wan_configs, flash_attn_func, rope_table
+from models.wan import WanModel, configs as wan_configs, cpu_bf16, flash_attn_func, rope_table
 
 model = 'debug'                # DiT config, a key of models/wan.py configs
 blocks = 0                     # use only the first N blocks (0 = all): real models whose whole DiT does not fit
@@ -51,8 +51,8 @@ optimizer = True               # planner: AdamW (two fp32 states per parameter) 
 encoders = 'online'            # planner: online (umT5-XXL, the VAE and with route the V-JEPA resident) | cached (none)
 route = 'or'                   # planner: TRD route as train_dit.py's (none = no V-JEPA, no projector); SARA's or by default
 vjepa_model = 'vitg'           # planner: V-JEPA variant resident with a route (models/vjepa.py configs)
-amp = 'auto'                   # bf16 autocast on fp32 weights: auto (on, as on a GPU; off when measure runs on the CPU,
-                               # which trains in fp32) | on | off
+amp = 'auto'                   # bf16 autocast on fp32 weights: auto (on, as on a GPU; when measure runs on the CPU, as
+                               # the trainer there: on with native bf16 matmuls) | on | off
 amp_cache = False              # planner: autocast's cache of bf16 weight casts (train_dit.py turns it off; True: the default)
 measure = False                # planner: also run the same config for real at world 1 and print measured vs estimated
 device = 'auto'                # auto = cuda when available, else cpu
@@ -369,7 +369,7 @@ def main_plan(dev):
     ckpt = checkpointing == 'on' or checkpointing == 'auto'  # the planner plans for GPUs: auto = on, as the trainer
     full = token_grid(model, tokens, frames, height, width)
     grid = token_grid(model, math.prod(full) if sp > 1 else tokens, frames, height, width, sp)
-    use_amp = amp == 'on' or (amp == 'auto' and not (measure and dev.type == 'cpu'))
+    use_amp = amp == 'on' or (amp == 'auto' and (not measure or dev.type == 'cuda' or cpu_bf16()))
     t0 = time.time()
     peak, parts = plan_dit(arch, grid, world, batch_size, use_amp, ckpt, optimizer)
     enc = encoder_bytes(arch, world)

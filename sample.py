@@ -30,6 +30,7 @@ from models.settings import configure, run
 from models.t5 import T5Encoder, Tokenizer, clean_text, configs as t5_configs, encode
 from models.unipc import UniPC
 from models.vae import load_codec
+from models.wan import autocast as mixed_precision
 
 out_dir = 'out/dit'            # a train_dit.py run to sample from (used when ckpt_dir is '')
 ckpt_dir = ''                  # an official Wan2.2/2.1 checkpoint folder (official or diffusers DiT layout)
@@ -54,6 +55,7 @@ t5_cpu = False                 # run umT5 on the CPU (the official --t5_cpu); by
 offload = True                 # keep the idle A14B expert on the CPU, so one GPU holds the active one
 ema = True                     # a run that kept an EMA of its weights is sampled with it (False = the trained weights)
 dtype = ''                     # DiT weights: '' = as stored (official fp32, bf16 autocast) | bfloat16 (half memory)
+amp = 'auto'                   # bf16 autocast: auto (on with CUDA, and on a CPU with native bf16 matmuls) | on | off
 device = 'auto'                # auto = cuda when available, else cpu
 # training-free alignment at sampling time (README: "Training-free alignment at sampling time"); both off by default
 alignvid = 1.0                 # AlignVid: text cross-attention logits times alpha = gamma_q*gamma_k (1.0 = off; published 1.35)
@@ -500,7 +502,7 @@ def main():
     st, sh = steps or d['steps'], shift or d['shift']
     if (n_frames - 1) % 4:
         raise SystemExit(f'frames must be 1 + 4k, got {n_frames}')
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if dev.type == 'cuda' else torch.autocast('cpu', enabled=False)
+    autocast = mixed_precision(dev, amp)
     if (calibrate or layout) and group is not None:
         raise SystemExit('calibrate and layout read cross-attention maps of whole videos, which sequence parallelism '
                          'splits over ranks: run them in one process per video (--sp=1)')

@@ -40,6 +40,7 @@ from models.checkpoint import atomic_save, load_state_dict
 from models.settings import configure, run, save_config
 from models.t5 import encode
 from models.vjepa import preprocess
+from models.wan import autocast as mixed_precision
 
 out_dir = 'out/aligner'        # run folder: config.json, ckpt.pt, metrics.json, tokenizer.json, saliency/
 data = 'shapes'                # a manifest .jsonl (val.jsonl beside it is the eval split), or 'shapes': the toy set
@@ -47,6 +48,8 @@ vjepa_model = 'debug'          # V-JEPA variant, a key of models/vjepa.py config
 vjepa_ckpt = ''                # official V-JEPA .pt file; '' = a frozen random-init encoder made from the seed
 ckpt_dir = ''                  # official Wan2.2 folder whose umT5 and tokenizer to use; '' = the debug umT5
                                # (frozen, random) and the tokenizer beside the manifest
+amp = 'auto'                   # bf16 autocast of the frozen V-JEPA and umT5: auto (on with CUDA, and on a CPU with
+                               # native bf16 matmuls) | on | off
 device = 'auto'                # auto = cuda when available, else cpu
 seed = 0                       # seeds the aligner, the debug encoders and the data order
 batch_size = 8                 # clips per iteration (per rank under torchrun)
@@ -95,8 +98,7 @@ class Frozen:
 
     def __init__(self, vjepa, t5, tok, grid, dev):
         self.vjepa, self.t5, self.tok, self.grid, self.dev, self.warned = vjepa, t5, tok, grid, dev, set()
-        self.autocast = torch.autocast('cuda', dtype=torch.bfloat16) if dev.type == 'cuda' else \
-            torch.autocast('cpu', enabled=False)  # (bf16 matmuls on some CPUs are slow or unsupported)
+        self.autocast = mixed_precision(dev, amp)
 
     @torch.no_grad()
     def video(self, video):
