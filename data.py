@@ -156,13 +156,15 @@ def load_clip(rec, frames, height, width, stride=1, start=0, masks=True):
                          f"({str(err).splitlines()[0][:200]}) (re-encode or remove it, or pass --skip_bad=True)") from None
     x = resize_crop(x.permute(0, 3, 1, 2), height, width)  # resize in uint8: 4x less memory than float
     video = (x.float() / 127.5 - 1).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
-    planes = []
-    for e in rec['entities'] if masks else []:
-        m = _load_mask(rec, e['mask'], n)[idx].astype(np.float32)
-        m = torch.from_numpy(m)[:, None]  # one entity at a time bounds memory
-        planes.append(resize_crop(m, height, width)[:, 0].clamp(0, 1))
-    planes = torch.stack(planes) if planes else torch.zeros(0, frames, height, width)
-    return dict(video=video, masks=planes if masks else None, caption=rec['caption'], background=rec['background'],
+    planes = None
+    if masks:
+        planes = []
+        for e in rec['entities']:
+            m = _load_mask(rec, e['mask'], n)[idx].astype(np.float32)
+            m = torch.from_numpy(m)[:, None]  # one entity at a time bounds memory
+            planes.append(resize_crop(m, height, width)[:, 0].clamp(0, 1))
+        planes = torch.stack(planes) if planes else torch.zeros(0, frames, height, width)
+    return dict(video=video, masks=planes, caption=rec['caption'], background=rec['background'],
                 entity_captions=[e['caption'] for e in rec['entities']], where=_where(rec),
                 text_embedding=_load_embedding(rec) if rec.get('text_embedding') else None)
 

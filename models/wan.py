@@ -44,7 +44,7 @@ def fp32(x):
 @functools.cache
 def cpu_bf16():
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). There a bf16 matmul ran 8x faster than fp32
-    (1536x256 @ 256x512 on one core of our 2-core CI's EPYC); elsewhere oneDNN emulates it, slower than fp32."""
+    (1536x256 @ 256x512 on one core of the 2-core EPYC this project is developed on); elsewhere oneDNN emulates it, slower than fp32."""
     try:
         with open('/proc/cpuinfo') as f:
             flags = next((line.split() for line in f if line.startswith('flags')), [])
