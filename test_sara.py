@@ -1017,6 +1017,24 @@ def test_cpu_bf16_autocast_keeps_the_fp32_islands():
         autocast(cpu, 'bf16')
 
 
+@pytest.mark.parametrize('L, M, dtype, tol', [(45, 45, torch.float32, 1e-5), (192, 64, torch.bfloat16, 1e-2),
+                                               (2048, 2048, torch.float32, 0)])
+def test_cpu_attention_is_sdpa(L, M, dtype, tol):
+    """The CPU's two-matmul attention gives SDPA's output and gradients (bf16: within its rounding); past 2**24
+    probabilities it is SDPA itself."""
+    from models.wan import attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 4, 32, generator=g).to(dtype).requires_grad_() for n in (L, M, M))
+    dout = torch.randn(2, L, 4, 32, generator=g).to(dtype)
+    outs = []
+    for fn in (lambda: attention(q, k, v, scale=0.3),
+               lambda: F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), scale=0.3).transpose(1, 2)):
+        out = fn()
+        outs.append([out.float(), *(x.float() for x in torch.autograd.grad(out, (q, k, v), dout))])
+    for a, b in zip(*outs):
+        assert (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item()), (a - b).abs().max()
+
+
 def assert_same_state(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()

@@ -64,15 +64,20 @@ def autocast(dev, amp='auto', cache=True):
 
 def attention(q, k, v, scale=None):
     """q, k, v: [B, L, heads, head_dim]. FlashAttention on CUDA when present, else SDPA; bf16 under autocast.
-    scale: the softmax scale (None = 1/sqrt(head_dim), the same call as without it)."""
+    scale: the softmax scale (None = 1/sqrt(head_dim), the same call as without it). On the CPU, while the
+    probabilities stay small (the toy's: 8 x 2 x 192 x 192), two matmuls around an fp32 softmax instead: SDPA's CPU
+    kernels took 2-3x longer forward and backward there, a tenth of a toy iteration."""
     if torch.is_autocast_enabled(q.device.type):  # RoPE left q and k in fp32
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         out = flash_attn_func(q, k, v, softmax_scale=scale)
         return out[0] if isinstance(out, tuple) else out
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          scale=scale).transpose(1, 2)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if q.device.type == 'cpu' and q.shape[:3].numel() * k.shape[2] <= 2 ** 24:
+        p = ((q @ k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5 if scale is None else scale)).softmax(-1)
+        return (p.to(v.dtype) @ v).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
 
 
 def text_logits_map(q, k, scale, fn, chunk=4096):
