@@ -132,16 +132,28 @@ def resize_crop(x, height, width):
     top, left = (nh - height) // 2, (nw - width) // 2
     return x[..., top:top + height, left:left + width]
 
-def load_clip(rec, frames, height, width, stride=1, start=0, masks=True):
+def decode_clip(rec, height, width, idx=None, vr=None):
+    """Frames idx (None = all) of a record, resized and centre-cropped: uint8 [T, 3, height, width]."""
+    vr = vr or _open_video(rec)
+    idx = list(range(len(vr))) if idx is None else idx
+    try:
+        x = torch.from_numpy(vr.get_batch(idx).asnumpy())  # [T, h, w, 3] uint8
+    except Exception as err:
+        raise ValueError(f"{_where(rec)}: video {rec['video']} failed to decode frames {idx[0]}..{idx[-1]} "
+                         f"({str(err).splitlines()[0][:200]}) (re-encode or remove it, or pass --skip_bad=True)") from None
+    return resize_crop(x.permute(0, 3, 1, 2), height, width)  # resize in uint8: 4x less memory than float
+
+def load_clip(rec, frames, height, width, stride=1, start=0, masks=True, decoded=None):
     """Decode frames start, start+stride, ... (`frames` of them) of one manifest record.
     `start` may also be a callable max_start -> start (the loader draws offsets that way,
     once the clip length is known). Returns video [3,T,H,W] in [-1,1], masks [K,T,H,W] in [0,1] (one per entity,
     in manifest order: an entity is a caption and its mask, so the counts always agree), the captions, `where`
     (manifest and line, for messages) and `text_embedding` ([E] float32, or None when the record has none).
     masks=False skips the masks (None): a trainer that does not read them saves their decompression, which costs
-    more than decoding the video (toy clips: 6.0 against 2.7 ms a clip)."""
-    vr = _open_video(rec)
-    n = len(vr)
+    more than decoding the video (toy clips: 6.0 against 2.7 ms a clip). decoded: the record's decode_clip(rec,
+    height, width), whose frames are then taken instead of decoding."""
+    vr = _open_video(rec) if decoded is None else None
+    n = len(vr) if decoded is None else len(decoded)
     if callable(start):
         start = start(max(n - (frames - 1) * stride - 1, 0))
     need = start + (frames - 1) * stride + 1
@@ -149,12 +161,7 @@ def load_clip(rec, frames, height, width, stride=1, start=0, masks=True):
         raise ValueError(f"{_where(rec)}: video {rec['video']} has {n} frames, fewer than the {need} needed "
                          f"for frames={frames} stride={stride} start={start} (lower --frames/--stride, or pass --skip_bad=True)")
     idx = list(range(start, need, stride))
-    try:
-        x = torch.from_numpy(vr.get_batch(idx).asnumpy())  # [T, h, w, 3] uint8
-    except Exception as err:
-        raise ValueError(f"{_where(rec)}: video {rec['video']} failed to decode frames {idx[0]}..{idx[-1]} "
-                         f"({str(err).splitlines()[0][:200]}) (re-encode or remove it, or pass --skip_bad=True)") from None
-    x = resize_crop(x.permute(0, 3, 1, 2), height, width)  # resize in uint8: 4x less memory than float
+    x = decode_clip(rec, height, width, idx, vr) if decoded is None else decoded[idx]
     video = (x.float() / 127.5 - 1).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
     planes = None
     if masks:
@@ -351,10 +358,12 @@ class _Clips(torch.utils.data.Dataset):
     """Indexed by (epoch, clip index); the temporal offset is a pure function of
     (seed, epoch, index), so batches do not depend on the number of workers.
     window='centre' takes every clip's middle window instead, in every epoch: one window per clip is what a cache
-    of the frozen models' outputs can hold. fetch(record) -> dict replaces decoding (train_dit.py's cache)."""
-    def __init__(self, recs, frames, height, width, stride, seed, window='random', fetch=None, masks=True):
+    of the frozen models' outputs can hold. fetch(record) -> dict replaces decoding (train_dit.py's cache).
+    Decoded clips are kept whole (resized, uint8) while they fit in `ram` bytes; later windows are cut from them."""
+    def __init__(self, recs, frames, height, width, stride, seed, window='random', fetch=None, masks=True, ram=0):
         self.records, self.args, self.seed = recs, (frames, height, width, stride), seed
         self.window, self.fetch, self.masks = window, fetch, masks
+        self.kept, self.room = {}, ram
 
     def __getitem__(self, key):
         epoch, i, slot = key
@@ -362,7 +371,11 @@ class _Clips(torch.utils.data.Dataset):
             return dict(self.fetch(self.records[i]), slot=(epoch, slot))
         rng = np.random.default_rng([self.seed, epoch, i])
         start = (lambda hi: hi // 2) if self.window == 'centre' else (lambda hi: int(rng.integers(0, hi + 1)))
-        return dict(load_clip(self.records[i], *self.args, start=start, masks=self.masks), slot=(epoch, slot))
+        if i not in self.kept and self.room > 0:
+            self.kept[i] = decode_clip(self.records[i], *self.args[1:3])
+            self.room -= self.kept[i].nbytes  # the clip that crosses the budget stays: at most one clip over
+        clip = load_clip(self.records[i], *self.args, start=start, masks=self.masks, decoded=self.kept.get(i))
+        return dict(clip, slot=(epoch, slot))
 
 def _collate(items):
     """Lists per key; the videos stacked."""
@@ -380,7 +393,7 @@ class ClipLoader:
     Iterate with one iterator at a time."""
     def __init__(self, manifest, batch_size, frames, height, width, stride=1,
                  rank=0, world_size=1, seed=0, skip_bad=False, num_workers=0, accum=1, window='random', fetch=None,
-                 masks=True):
+                 masks=True, ram=0):
         assert 0 <= rank < world_size, f"rank {rank} must be in [0, {world_size})"
         # skip_bad probes every clip up front, so all ranks agree on the clip list and a batch never shrinks
         need = (frames - 1) * stride + 1
@@ -395,7 +408,7 @@ class ClipLoader:
         self.bs, self.rank, self.world, self.seed, self.workers = batch_size, rank, world_size, seed, num_workers
         self.accum = accum
         assert window in ('random', 'centre'), f"window '{window}': random or centre"
-        self.ds = _Clips(self.records, frames, height, width, stride, seed, window, fetch, masks)
+        self.ds = _Clips(self.records, frames, height, width, stride, seed, window, fetch, masks, ram)
         self.epoch, self.step = 0, 0
 
     def state_dict(self):  # position of the next batch, in whole iterations (saved between iterations)

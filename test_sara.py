@@ -477,6 +477,19 @@ def test_loader_resume_and_workers(shapes):
     for g, w in zip(got, ref[1:4]):
         assert torch.equal(g['video'], w['video']) and g['caption'] == w['caption']
 
+def test_kept_clips_give_the_decoded_batches_within_their_budget(shapes):
+    """Clips kept decoded in memory give the windows decoding gives; past the budget (here 2 clips, the one that
+    crosses it included) the rest are decoded every time."""
+    kw = dict(batch_size=3, frames=3, height=16, width=16, seed=5)
+    ref = _take(ClipLoader(shapes / 'uniq.jsonl', **kw), 6)
+    one = T * 3 * 16 * 16  # a clip of the shapes fixture, resized: T frames, uint8
+    kept = ClipLoader(shapes / 'uniq.jsonl', ram=one + 1, **kw)
+    got = _take(kept, 6)
+    assert len(kept.ds.kept) == 2 and all(v.shape == (T, 3, 16, 16) for v in kept.ds.kept.values())
+    for g, w in zip(got, ref):
+        assert torch.equal(g['video'], w['video']) and g['caption'] == w['caption']
+        assert all(torch.equal(a, b) for a, b in zip(g['masks'], w['masks']))
+
 def test_write_video_roundtrip(tmp_path):
     # a smooth gradient survives crf-10 x264 nearly intact; frame count, size and value range must too
     y, x = torch.meshgrid(torch.linspace(-0.8, 0.8, 24), torch.linspace(-0.8, 0.8, 40), indexing='ij')

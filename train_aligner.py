@@ -82,6 +82,9 @@ picture_zoom = 2               # picture cells are the model input enlarged this
 init_from = 'scratch'          # scratch | resume (out_dir/ckpt.pt)
 skip_bad = False               # skip unreadable clips (counted and reported) instead of stopping
 num_workers = 0                # data loader worker processes
+clip_ram = 2.0                 # GiB of decoded clips (resized, uint8) kept in memory per loader process: later
+                               # epochs cut their windows from them instead of decoding (0 = off; the toy's
+                               # 256 clips take 25 MiB, and decoding took a fifth of a toy iteration)
 task = 'train'                 # train | saliency (draw the saliency of out_dir/ckpt.pt for --video and --caption)
 video = ''                     # task=saliency: the video file
 caption = ''                   # task=saliency: the caption to ask
@@ -298,7 +301,8 @@ def main():
         raise SystemExit(f"init_from='{init_from}': choose scratch or resume")
     try:
         loader = ClipLoader(manifest, batch_size, frames, height, width, stride=frame_stride, rank=rank,
-                            world_size=world, seed=seed, skip_bad=skip_bad, num_workers=num_workers)
+                            world_size=world, seed=seed, skip_bad=skip_bad, num_workers=num_workers,
+                            ram=int(clip_ram * 2**30))
     except ValueError as err:
         raise SystemExit(str(err))
     tok_path = os.path.join(out_dir, 'tokenizer.json')  # task=saliency and Stage 2 read it from the run

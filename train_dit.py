@@ -65,10 +65,10 @@ window = 'random'              # where a clip's frames are cut: random (a new st
                                # clip; what a cache holds, so cache=build/use always cut the centre)
 frame_stride = 1               # take every n-th frame of the source clip (toy: more motion per 4-frame latent was
                                # harder to learn: judge score 0.27 at stride 2 vs 0.31 at 1 after 1,000 iterations)
-max_iters = 2000               # total training iterations
+max_iters = 2400               # total training iterations
 learning_rate = 2e-3           # peak AdamW learning rate, reached after warmup_iters
 warmup_iters = 50              # linear learning-rate warmup
-lr_decay_iters = 4000          # then a cosine decay to lr_floor x learning_rate at this iteration (0 = constant). Toy:
+lr_decay_iters = 4800          # then a cosine decay to lr_floor x learning_rate at this iteration (0 = constant). Toy:
                                # twice max_iters, so its rate ends near half the peak (judge 0.363 against 0.285 for
                                # a decay to the floor at 2,000; 0.255 against 0.215 constant after 600 iterations)
 lr_floor = 0.1                 # the decay's end as a fraction of learning_rate
@@ -99,6 +99,9 @@ resume_ckpt = ''               # with init_from=resume: a checkpoint of out_dir 
 export_dir = ''                # at the end, also write the DiT here as an official folder (safetensors + config.json)
 skip_bad = False               # skip unreadable clips (counted and reported) instead of stopping
 num_workers = 0                # data loader worker processes
+clip_ram = 2.0                 # GiB of decoded clips (resized, uint8) kept in memory per loader process: later
+                               # epochs cut their windows from them instead of decoding (0 = off; the toy's
+                               # 256 clips take 25 MiB, and decoding took a fifth of a toy iteration)
 cache = 'off'                  # the frozen models' outputs (latents, umT5 features, V-JEPA targets, saliency): off =
                                # computed every step | build = computed once per clip of the manifest into cache_dir,
                                # then stop (under torchrun each rank its share) | use = read from cache_dir: the VAE,
@@ -350,7 +353,8 @@ def main():
         loader = ClipLoader(manifest, batch_size, frames, height, width, stride=frame_stride, rank=dp_rank,
                             world_size=dp, seed=seed, skip_bad=skip_bad, num_workers=num_workers, accum=grad_accum,
                             window='centre' if cache != 'off' else window,
-                            fetch=functools.partial(read_entry, folder) if cache == 'use' else None, masks=False)
+                            fetch=functools.partial(read_entry, folder) if cache == 'use' else None, masks=False,
+                            ram=int(clip_ram * 2**30))
     except ValueError as err:
         raise SystemExit(str(err)) from None
     if master and cache != 'build':  # a build is no training run
