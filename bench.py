@@ -198,7 +198,7 @@ def matmul_peak(dev):
 
 
 def attention_backends():
-    ours = 'SDPA'
+    ours = 'SDPA (CPU: matmul, fp32 softmax, matmul up to 2**24 probabilities)'
     if flash_attn_func is not None:
         ours = {'flash_attn_interface': 'flash-attn 3', 'flash_attn': 'flash-attn 2'}.get(
             flash_attn_func.__module__.split('.')[0], flash_attn_func.__module__) + ' (CUDA bf16), else SDPA'

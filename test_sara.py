@@ -1794,13 +1794,13 @@ def test_ti2v_output_size_is_the_official_one(monkeypatch):
 # ---------------------------------------------------------------------------------------------- sampling-time alignment
 
 def old_cross_attention_forward(self, x, context):
-    """WanCrossAttention.forward and attention() (its SDPA branch) as they were before the sampling-time hooks."""
+    """WanCrossAttention.forward as it was before the sampling-time hooks (attention() called without a scale)."""
+    from models.wan import attention
     B, L, _ = x.shape
     q = self.norm_q(self.q(x)).view(B, L, self.num_heads, self.head_dim)
     k = self.norm_k(self.k(context)).view(B, -1, self.num_heads, self.head_dim)
     v = self.v(context).view(B, -1, self.num_heads, self.head_dim)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-    return self.o(out.flatten(2))
+    return self.o(attention(q, k, v).flatten(2))
 
 
 # runs sample.py in a fresh process with WanCrossAttention.forward wrapped: 'old' replaces it by the forward above,

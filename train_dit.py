@@ -65,10 +65,10 @@ window = 'random'              # where a clip's frames are cut: random (a new st
                                # clip; what a cache holds, so cache=build/use always cut the centre)
 frame_stride = 1               # take every n-th frame of the source clip (toy: more motion per 4-frame latent was
                                # harder to learn: judge score 0.27 at stride 2 vs 0.31 at 1 after 1,000 iterations)
-max_iters = 2400               # total training iterations
+max_iters = 3200               # total training iterations
 learning_rate = 2e-3           # peak AdamW learning rate, reached after warmup_iters
 warmup_iters = 50              # linear learning-rate warmup
-lr_decay_iters = 4800          # then a cosine decay to lr_floor x learning_rate at this iteration (0 = constant). Toy:
+lr_decay_iters = 6400          # then a cosine decay to lr_floor x learning_rate at this iteration (0 = constant). Toy:
                                # twice max_iters, so its rate ends near half the peak (judge 0.363 against 0.285 for
                                # a decay to the floor at 2,000; 0.255 against 0.215 constant after 600 iterations)
 lr_floor = 0.1                 # the decay's end as a fraction of learning_rate
