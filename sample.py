@@ -25,11 +25,10 @@ import torch.nn.functional as F
 
 from data import ensure_shapes, load_clip, read_manifest, write_video
 from models import parallel
-from models.checkpoint import expert_folders, load_dit, load_run_dit, load_state_dict, load_text_and_vae
+from models.checkpoint import expert_folders, load_dit, load_run as checkpoint_run, load_run_dit, load_text_and_vae
 from models.settings import configure, run
-from models.t5 import T5Encoder, Tokenizer, clean_text, configs as t5_configs, encode
+from models.t5 import clean_text, encode
 from models.unipc import UniPC
-from models.vae import load_codec
 from models.wan import autocast as mixed_precision
 
 out_dir = 'out/dit'            # a train_dit.py run to sample from (used when ckpt_dir is '')
@@ -172,20 +171,11 @@ def load_official(dev):
 
 def load_run(dev):
     """The DiT of a train_dit.py run (its sharded checkpoint, consolidated), its text encoder and codec."""
-    ckpt_path = os.path.join(out_dir, 'ckpt')
-    if not os.path.isdir(ckpt_path):
-        raise SystemExit(f'{ckpt_path} does not exist: train first (python train_dit.py) or point --out_dir at a run')
-    dit, meta = load_run_dit(ckpt_path, ema=ema)
+    dit, t5, tok, codec, meta = checkpoint_run(out_dir, dev, ema, 'cpu' if t5_cpu else dev)
     run = meta['config']
-    if run['ckpt_dir']:
-        t5, tok, codec = load_text_and_vae(run['ckpt_dir'], dit.out_dim, 'cpu' if t5_cpu else dev, dev)
-    else:
-        t5 = T5Encoder(**t5_configs['debug'])
-        load_state_dict(t5, meta['t5'], ckpt_path + '/meta.pt (t5)')
-        t5, tok, codec = t5.to(dev).eval(), Tokenizer(os.path.join(out_dir, 'tokenizer.json')), load_codec('pixel')
     d = dict(frames=run['frames'], fps=meta['fps'], size=f"{run['width']}*{run['height']}", steps=50,
              shift=run['shift'], guidance=(4.0, 4.0), stride=run.get('frame_stride', 1))  # the shift it trained with
-    return {'single': dit.to(dev).eval().requires_grad_(False)}, t5, tok, codec, d
+    return {'single': dit}, t5, tok, codec, d
 
 
 # ---------------------------------------------------------------------------------------------- training-free alignment

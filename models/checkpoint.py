@@ -426,3 +426,23 @@ def load_run_dit(folder, device='cpu', ema=True):
     sd = {f'dit.{k}': v for k, v in dit.state_dict().items()}
     read_sharded({'ema' if ema and meta['config'].get('ema_decay') else 'model': sd}, folder)
     return dit.to(device), meta
+
+
+def load_run(run_dir, device='cpu', ema=True, t5_device=None):
+    """A train_dit.py run folder -> (DiT in eval mode, umT5, tokenizer, codec, meta of run_dir/ckpt): the official
+    folder's umT5 and VAE when it trained with ckpt_dir, else its debug umT5 (saved in the checkpoint), its tokenizer
+    and the pixel codec."""
+    from models.t5 import configs as t5_configs
+    from models.vae import load_codec
+    ckpt_path = os.path.join(run_dir, 'ckpt')
+    if not os.path.isdir(ckpt_path):
+        raise SystemExit(f'{ckpt_path} does not exist: train first (python train_dit.py) or point at a run folder')
+    dit, meta = load_run_dit(ckpt_path, ema=ema)
+    t5_device = t5_device or device
+    if meta['config']['ckpt_dir']:
+        t5, tok, codec = load_text_and_vae(meta['config']['ckpt_dir'], dit.out_dim, t5_device, device)
+    else:
+        t5 = T5Encoder(**t5_configs['debug'])
+        load_state_dict(t5, meta['t5'], ckpt_path + '/meta.pt (t5)')
+        t5, tok, codec = t5.to(t5_device).eval(), Tokenizer(os.path.join(run_dir, 'tokenizer.json')), load_codec('pixel')
+    return dit.to(device).eval().requires_grad_(False), t5, tok, codec, meta
