@@ -3051,7 +3051,7 @@ def test_a_short_run_raises_the_judge_score(tmp_path):
     table = json.load(open(tmp_path / 'j.json'))['table']
     before, after = (table[f'{tmp_path}/{n}'] for n in ('untrained', 'trained'))
     print(f"judge score untrained {before['score']['mean']:.3f}, after 300 iterations {after['score']['mean']:.3f}")
-    assert after['score']['mean'] > before['score']['mean'] + 0.05  # measured 0.062 -> 0.163 (bf16 autocast)
+    assert after['score']['mean'] > before['score']['mean'] + 0.05  # measured 0.062 -> 0.204 (bf16 autocast)
 
 
 # ---------------------------------------------------------------------------------------------- bench.py
