@@ -132,16 +132,20 @@ def resize_crop(x, height, width):
     top, left = (nh - height) // 2, (nw - width) // 2
     return x[..., top:top + height, left:left + width]
 
-def decode_clip(rec, height, width, idx=None, vr=None):
-    """Frames idx (None = all) of a record, resized and centre-cropped: uint8 [T, 3, height, width]."""
+def decode_clip(rec, height, width, idx=None, vr=None, chunk=32):
+    """Frames idx (None = all) of a record, resized and centre-cropped: uint8 [T, 3, height, width]. Decoded `chunk`
+    frames at a time, so a whole long clip never sits in memory at its source size."""
     vr = vr or _open_video(rec)
     idx = list(range(len(vr))) if idx is None else idx
-    try:
-        x = torch.from_numpy(vr.get_batch(idx).asnumpy())  # [T, h, w, 3] uint8
-    except Exception as err:
-        raise ValueError(f"{_where(rec)}: video {rec['video']} failed to decode frames {idx[0]}..{idx[-1]} "
-                         f"({str(err).splitlines()[0][:200]}) (re-encode or remove it, or pass --skip_bad=True)") from None
-    return resize_crop(x.permute(0, 3, 1, 2), height, width)  # resize in uint8: 4x less memory than float
+    parts = []
+    for i in range(0, len(idx), chunk):
+        try:
+            x = torch.from_numpy(vr.get_batch(idx[i:i + chunk]).asnumpy())  # [t, h, w, 3] uint8
+        except Exception as err:
+            raise ValueError(f"{_where(rec)}: video {rec['video']} failed to decode frames {idx[0]}..{idx[-1]} "
+                             f"({str(err).splitlines()[0][:200]}) (re-encode or remove it, or pass --skip_bad=True)") from None
+        parts.append(resize_crop(x.permute(0, 3, 1, 2), height, width))  # resize in uint8: 4x less memory than float
+    return torch.cat(parts)
 
 def load_clip(rec, frames, height, width, stride=1, start=0, masks=True, decoded=None):
     """Decode frames start, start+stride, ... (`frames` of them) of one manifest record.
@@ -359,7 +363,8 @@ class _Clips(torch.utils.data.Dataset):
     (seed, epoch, index), so batches do not depend on the number of workers.
     window='centre' takes every clip's middle window instead, in every epoch: one window per clip is what a cache
     of the frozen models' outputs can hold. fetch(record) -> dict replaces decoding (train_dit.py's cache).
-    Decoded clips are kept whole (resized, uint8) while they fit in `ram` bytes; later windows are cut from them."""
+    Decoded clips are kept whole (resized, uint8) while they fit in `ram` bytes; later windows are cut from them. The
+    first clip that does not fit ends the keeping: the rest are decoded window by window, as without it."""
     def __init__(self, recs, frames, height, width, stride, seed, window='random', fetch=None, masks=True, ram=0):
         self.records, self.args, self.seed = recs, (frames, height, width, stride), seed
         self.window, self.fetch, self.masks = window, fetch, masks
@@ -372,8 +377,12 @@ class _Clips(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, epoch, i])
         start = (lambda hi: hi // 2) if self.window == 'centre' else (lambda hi: int(rng.integers(0, hi + 1)))
         if i not in self.kept and self.room > 0:
-            self.kept[i] = decode_clip(self.records[i], *self.args[1:3])
-            self.room -= self.kept[i].nbytes  # the clip that crosses the budget stays: at most one clip over
+            vr, (_, height, width, _) = _open_video(self.records[i]), self.args
+            size = len(vr) * 3 * height * width
+            if size <= self.room:
+                self.kept[i], self.room = decode_clip(self.records[i], height, width, vr=vr), self.room - size
+            else:
+                self.room = 0
         clip = load_clip(self.records[i], *self.args, start=start, masks=self.masks, decoded=self.kept.get(i))
         return dict(clip, slot=(epoch, slot))
 

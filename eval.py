@@ -20,8 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import COLOURS, MOVES, SHAPES, read_manifest
+from data import COLOURS, MOVES, SHAPES, load_clip, read_manifest
+from models.checkpoint import load_run
 from models.settings import configure, run
+from models.t5 import encode
 
 videos = ''                    # a manifest .jsonl whose clips (with their captions) are judged
 out = ''                       # write the per-video results and the summary here as JSON ('' = print only)
@@ -167,9 +169,6 @@ SIGMAS = (0.9, 0.6, 0.3)
 def word_effects(folder, recs):
     """{swap: {sigma: mean |x0 estimate(caption) - x0 estimate(caption with the swap)|}} of a run's DiT (EMA weights,
     fp32, CPU) over the clips of recs, each clip's centre window noised once per sigma (seed 0)."""
-    from data import load_clip
-    from models.checkpoint import load_run
-    from models.t5 import encode
     dit, t5, tok, codec, meta = load_run(folder)
     c = meta['config']
     keys = [f'{k} swapped' for k in SWAPS] + ['caption dropped']
