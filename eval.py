@@ -39,7 +39,8 @@ size = ''                      # sampling size 'W*H' for runs ('' = the run's cl
 guidance = 0.0                 # classifier-free guidance for runs (0 = sample.py's default for a run)
 words = False                  # with runs: also how far each run's x0 estimate moves when the caption's first shape,
                                # direction or colour word is swapped, or the caption dropped (mean |change| over the
-                               # clips, noised to sigma 0.9 / 0.6 / 0.3): a word the DiT does not read moves it little
+                               # clips, noised to sigma 0.9 / 0.6 / 0.3): a word the DiT does not read moves it little;
+                               # and how far its seed-0 samples move on those swaps against a new seed (of 255)
 
 cfg = configure(globals(), __file__)
 
@@ -121,13 +122,18 @@ def judge(video, caption):
     return dict(scores, background_text=background, entities=each)
 
 
+def read(path):
+    """All frames of an mp4 -> uint8 [T, H, W, 3]."""
+    import decord
+    vr = decord.VideoReader(path)
+    return vr.get_batch(range(len(vr))).asnumpy()
+
+
 def judge_files(items, show):
     """[(mp4 path, caption)] -> the judge's results, one dict per video."""
-    import decord
     results = []
     for path, caption in items:
-        vr = decord.VideoReader(path)
-        results.append(dict(video=path, caption=caption, **judge(vr.get_batch(range(len(vr))).asnumpy(), caption)))
+        results.append(dict(video=path, caption=caption, **judge(read(path), caption)))
         if show:
             r = results[-1]
             print(f"{path}: score {r['score']:.3f} entity {r['entity']:.3f} direction {r['direction']:.3f} "
@@ -144,26 +150,53 @@ def spread(groups):
     return {k: dict(mean=float(np.mean([m[k] for m in means])), std=float(np.std([m[k] for m in means]))) for k in KEYS}
 
 
-def sample_run(folder, captions):
-    """Samples of a run for every caption and seed, written fresh into folder/judged by sample.py."""
-    where = os.path.join(folder, 'judged')
+def sample_run(folder, captions, n=None, sub='judged'):
+    """Samples of a run for every caption and seed (n seeds, default `seeds`), written fresh into folder/sub by
+    sample.py."""
+    n = n or seeds
+    where = os.path.join(folder, sub)
     shutil.rmtree(where, ignore_errors=True)  # always the run's current weights
     os.makedirs(where)
     with open(os.path.join(where, 'prompts.txt'), 'w') as f:
         f.write(''.join(c + '\n' for c in captions))
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sample.py'), f'--out_dir={folder}',
-           f'--prompts={where}/prompts.txt', f'--samples={seeds}', f'--out={where}',
+           f'--prompts={where}/prompts.txt', f'--samples={n}', f'--out={where}',
            *([f'--steps={steps}'] if steps else []), *([f'--size={size}'] if size else []),
            *([f'--guidance={guidance}'] if guidance else [])]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         raise ValueError(f"sampling {folder} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
-    return [[(os.path.join(where, f'{c}-{i}.mp4'), c) for c in captions] for i in range(seeds)]
+    return [[(os.path.join(where, f'{c}-{i}.mp4'), c) for c in captions] for i in range(n)]
 
 
 SWAPS = dict(shape=dict(zip(SHAPES, SHAPES[1:] + SHAPES[:1])), direction=dict(left='right', right='left', up='down',
             down='up'), colour=dict(zip(COLOURS, list(COLOURS)[1:] + list(COLOURS)[:1])))
 SIGMAS = (0.9, 0.6, 0.3)
+
+
+def swapped(caption):
+    """The caption with its first shape, direction and colour word swapped (one caption per kind of word)."""
+    words = caption.split()
+    out = []
+    for swap in SWAPS.values():
+        i = next(i for i, w in enumerate(words) if w in swap)
+        out.append(' '.join(words[:i] + [swap[words[i]]] + words[i + 1:]))
+    return out
+
+
+def sample_effects(folder, per_seed):
+    """How far a run's samples follow the caption rather than the noise: mean |change| (of 255) of the seed-0 video
+    when its caption's shape, direction or colour word is swapped, and, for scale, between seeds 0 and 1 of the same
+    caption (per_seed: the judged samples, one list per seed). A DiT that reads the caption moves its samples on a
+    swap about as far as a new seed does."""
+    first = [read(r['video']).astype(np.float32) for r in per_seed[0]]
+    kinds = [f'{k} swapped' for k in SWAPS]
+    swaps = sample_run(folder, [t for r in per_seed[0] for t in swapped(r['caption'])], n=1, sub='swapped')[0]
+    out = {k: float(np.mean([np.abs(read(swaps[3 * j + i][0]) - v).mean() for j, v in enumerate(first)]))
+           for i, k in enumerate(kinds)}
+    if len(per_seed) > 1:
+        out['next seed'] = float(np.mean([np.abs(read(r['video']) - v).mean() for r, v in zip(per_seed[1], first)]))
+    return out
 
 
 def word_effects(folder, recs):
@@ -177,11 +210,7 @@ def word_effects(folder, recs):
         for rec in recs:
             x0 = codec.encode(load_clip(rec, c['frames'], c['height'], c['width'], c['frame_stride'],
                                         start=lambda hi: hi // 2, masks=False)['video'][None])
-            words = rec['caption'].split()
-            texts = [rec['caption']]
-            for swap in SWAPS.values():
-                i = next(i for i, w in enumerate(words) if w in swap)
-                texts.append(' '.join(words[:i] + [swap[words[i]]] + words[i + 1:]))
+            texts = [rec['caption']] + swapped(rec['caption'])
             ids, mask = tok(texts + [''], dit.text_len)
             context = encode(t5, ids, mask, dit.text_len)
             for s in SIGMAS:
@@ -213,10 +242,13 @@ def main():
     for folder, per in effects.items():
         print(f'{folder}: mean |change| of the x0 estimate at sigma ' + ' / '.join(map(str, SIGMAS)) + ': ' +
               '; '.join(f"{k} {' / '.join(f'{v:.4f}' for v in e.values())}" for k, e in per.items()))
+    moved = {folder: sample_effects(folder, judged[folder]) for folder in effects}
+    for folder, per in moved.items():
+        print(f'{folder}: mean |change| of the seed-0 samples (of 255): ' + '; '.join(f'{k} {v:.2f}' for k, v in per.items()))
     if out:
         with open(out, 'w') as f:
             json.dump(dict(summary=table['real clips'], table=table, videos=real, runs=judged, words=effects,
-                           config=cfg), f, indent=2)
+                           samples=moved, config=cfg), f, indent=2)
         print(f"wrote {out}")
 
 

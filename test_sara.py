@@ -3027,12 +3027,20 @@ def test_word_effects_measure_what_the_dit_reads_from_the_caption(tiny_run, tmp_
     # (at most float rounding: the batch's last row may take another GEMM path)
     assert all(v < 1e-6 for e in deaf_effects.values() for v in e.values()), deaf_effects
     monkeypatch.setattr(ckpt, 'load_run_dit', load)
-    r = run('eval.py', f'--videos={root}/data/val.jsonl', f'--runs={root}/a', '--seeds=1', '--steps=2', '--size=32*32',
+    r = run('eval.py', f'--videos={root}/data/val.jsonl', f'--runs={root}/a', '--seeds=2', '--steps=2', '--size=32*32',
             '--words=True', f'--out={tmp_path}/j.json')
     assert r.returncode == 0, r.stderr
     assert f'{root}/a: mean |change| of the x0 estimate at sigma 0.9 / 0.6 / 0.3: shape swapped ' in r.stdout
-    assert json.load(open(tmp_path / 'j.json'))['words'][f'{root}/a']['colour swapped']['0.9'] == \
-        pytest.approx(effects['colour swapped'][0.9])
+    res = json.load(open(tmp_path / 'j.json'))
+    assert res['words'][f'{root}/a']['colour swapped']['0.9'] == pytest.approx(effects['colour swapped'][0.9])
+    # the samples of the swapped captions (seed 0) against the caption's own, and its next seed for scale
+    moved = res['samples'][f'{root}/a']
+    assert list(moved) == ['shape swapped', 'direction swapped', 'colour swapped', 'next seed']
+    assert moved['next seed'] > 1 and all(v >= 0 for v in moved.values()), moved
+    assert f"{root}/a: mean |change| of the seed-0 samples (of 255): shape swapped {moved['shape swapped']:.2f}" in r.stdout
+    captions = [json.loads(l)['caption'] for l in (root / 'data' / 'val.jsonl').read_text().splitlines()]
+    assert sorted(os.listdir(root / 'a' / 'swapped')) == sorted([f'{t}-0.mp4' for c in captions
+                                                                 for t in judge.swapped(c)] + ['prompts.txt'])
 
 
 def test_a_short_run_raises_the_judge_score(tmp_path):
