@@ -192,7 +192,7 @@ def sample_effects(folder, per_seed):
     first = [read(r['video']).astype(np.float32) for r in per_seed[0]]
     kinds = [f'{k} swapped' for k in SWAPS]
     swaps = sample_run(folder, [t for r in per_seed[0] for t in swapped(r['caption'])], n=1, sub='swapped')[0]
-    out = {k: float(np.mean([np.abs(read(swaps[3 * j + i][0]) - v).mean() for j, v in enumerate(first)]))
+    out = {k: float(np.mean([np.abs(read(swaps[len(kinds) * j + i][0]) - v).mean() for j, v in enumerate(first)]))
            for i, k in enumerate(kinds)}
     if len(per_seed) > 1:
         out['next seed'] = float(np.mean([np.abs(read(r['video']) - v).mean() for r, v in zip(per_seed[1], first)]))
@@ -244,7 +244,8 @@ def main():
               '; '.join(f"{k} {' / '.join(f'{v:.4f}' for v in e.values())}" for k, e in per.items()))
     moved = {folder: sample_effects(folder, judged[folder]) for folder in effects}
     for folder, per in moved.items():
-        print(f'{folder}: mean |change| of the seed-0 samples (of 255): ' + '; '.join(f'{k} {v:.2f}' for k, v in per.items()))
+        print(f'{folder}: mean |change| of the seed-0 samples (of 255): ' +
+              '; '.join(f'{k} {v:.2f}' for k, v in per.items()))
     if out:
         with open(out, 'w') as f:
             json.dump(dict(summary=table['real clips'], table=table, videos=real, runs=judged, words=effects,

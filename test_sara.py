@@ -3037,7 +3037,8 @@ def test_word_effects_measure_what_the_dit_reads_from_the_caption(tiny_run, tmp_
     moved = res['samples'][f'{root}/a']
     assert list(moved) == ['shape swapped', 'direction swapped', 'colour swapped', 'next seed']
     assert moved['next seed'] > 1 and all(v >= 0 for v in moved.values()), moved
-    assert f"{root}/a: mean |change| of the seed-0 samples (of 255): shape swapped {moved['shape swapped']:.2f}" in r.stdout
+    assert (f"{root}/a: mean |change| of the seed-0 samples (of 255): shape swapped {moved['shape swapped']:.2f}"
+            in r.stdout)
     captions = [json.loads(l)['caption'] for l in (root / 'data' / 'val.jsonl').read_text().splitlines()]
     assert sorted(os.listdir(root / 'a' / 'swapped')) == sorted([f'{t}-0.mp4' for c in captions
                                                                  for t in judge.swapped(c)] + ['prompts.txt'])
