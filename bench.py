@@ -21,20 +21,22 @@ import time
 import torch
 import torch.nn.functional as F
 
-from models.settings import configure, run
 from torch.distributed.device_mesh import init_device_mesh
+
+from models.optim import dit_flops
+from models.settings import choice, configure, run
 from models.trd import trd_loss
 from models.unipc import UniPC
-from models.wan import WanModel, configs as wan_configs, cpu_bf16, flash_attn_func, rope_table
+from models.wan import WanModel, configs as wan_configs, cpu_bf16, flash_attn_func, rope_table, token_grid as dit_grid
 
-model = 'debug'                # DiT config, a key of models/wan.py configs
+model = choice('debug', *wan_configs)  # DiT config, a key of models/wan.py configs
 blocks = 0                     # use only the first N blocks (0 = all): real models whose whole DiT does not fit
 frames = 9                     # pixel frames (1 + 4k); with height/width they give the latent grid via the codec stride
 height = 64                    # pixel height (a multiple of the codec stride x 2)
 width = 64                     # pixel width
 tokens = 0                     # > 0: use this many DiT tokens per clip instead of frames/height/width
 batch_size = 1                 # clips per step
-checkpointing = 'auto'         # recompute each DiT block in backward: auto (on with CUDA, as the trainer) | on | off
+checkpointing = choice('auto', 'on', 'off')  # recompute each DiT block in backward: auto = on with CUDA
 warmup = 1                     # untimed iterations before each measurement
 iters = 3                      # timed iterations (the median is reported)
 diffusers = True               # also time diffusers' WanTransformer3DModel (skipped, with a note, when not installed)
@@ -48,11 +50,10 @@ plan = False                   # memory planner: estimate the per-GPU peak of a 
 world = 8                      # planner: GPUs (FSDP2 shards parameters, gradients and AdamW states over all of them)
 sp = 1                         # planner: sequence-parallel ranks per clip (each rank holds tokens / sp)
 optimizer = True               # planner: AdamW (two fp32 states per parameter) as the trainer
-encoders = 'online'            # planner: online (umT5-XXL, the VAE and with route the V-JEPA resident) | cached (none)
+encoders = choice('online', 'cached')  # planner: the frozen encoders resident (online) or none (cached)
 route = 'or'                   # planner: TRD route as train_dit.py's (none = no V-JEPA, no projector); SARA's or by default
 vjepa_model = 'vitg'           # planner: V-JEPA variant resident with a route (models/vjepa.py configs)
-amp = 'auto'                   # bf16 autocast on fp32 weights: auto (on, as on a GPU; when measure runs on the CPU, as
-                               # the trainer there: on with native bf16 matmuls) | on | off
+amp = choice('auto', 'on', 'off')  # bf16 autocast on fp32 weights: auto = as the trainer
 amp_cache = False              # planner: autocast's cache of bf16 weight casts (train_dit.py turns it off; True: the default)
 measure = False                # planner: also run the same config for real at world 1 and print measured vs estimated
 device = 'auto'                # auto = cuda when available, else cpu
@@ -71,8 +72,6 @@ STRIDE = {'ti2v': (4, 16, 16), 'debug': (4, 2, 2)}            # codec stride; th
 # ---------------------------------------------------------------------------------------------- shapes and FLOPs
 
 def arch_of(name, n_blocks=0):
-    if name not in wan_configs:
-        raise SystemExit(f"unknown model '{name}'; choose one of {', '.join(wan_configs)}")
     arch = dict(wan_configs[name])
     if n_blocks:
         arch['num_layers'] = min(n_blocks, arch['num_layers'])
@@ -97,7 +96,7 @@ def factor_grid(n):
     return best[1]
 
 
-def token_grid(name, n_tokens=0, n_frames=9, h=64, w=64, sp_=1):
+def rank_grid(name, n_tokens=0, n_frames=9, h=64, w=64, sp_=1):
     """The DiT token grid (f, h, w) of one clip, for this rank's 1/sp of the tokens (padded up to a multiple of sp)."""
     if n_tokens:
         return factor_grid(-(-n_tokens // sp_))
@@ -105,20 +104,8 @@ def token_grid(name, n_tokens=0, n_frames=9, h=64, w=64, sp_=1):
     if (n_frames - 1) % st[0] or h % (2 * st[1]) or w % (2 * st[2]):
         raise SystemExit(f'frames={n_frames}, height={h}, width={w}: need frames = 1 + {st[0]}k and height/width '
                          f'multiples of {2 * st[1]} for {name}')
-    grid = (1 + (n_frames - 1) // st[0], h // st[1] // 2, w // st[2] // 2)
+    grid = dit_grid(n_frames, h, w, st)
     return grid if sp_ == 1 else factor_grid(-(-math.prod(grid) // sp_))
-
-
-def dit_flops(arch, L, B=1):
-    """Model FLOPs of one forward + backward: 3 x the forward's matmuls in the blocks (2 FLOPs per multiply-add;
-    backward = 2 x forward). Per block and clip, with L tokens, T text rows, d = dim, f = ffn_dim:
-      self-attention q, k, v, o   4 * 2 L d^2       attention scores + values  2 * 2 L^2 d
-      cross-attention q, o        2 * 2 L d^2       cross k, v on the text     2 * 2 T d^2
-      cross scores + values       2 * 2 L T d       FFN                        2 * 2 L d f
-    Embeddings and head (< 1% at real sizes) and elementwise work are left out."""
-    d, f, T, n = arch['dim'], arch['ffn_dim'], arch.get('text_len', 512), arch['num_layers']
-    per_block = 8 * L * d * d + 4 * L * L * d + 4 * L * d * d + 4 * T * d * d + 4 * L * T * d + 4 * L * d * f
-    return 3 * B * n * per_block
 
 
 # ---------------------------------------------------------------------------------------------- timing helpers
@@ -367,8 +354,8 @@ def main_plan(dev):
     if arch['num_heads'] % sp:
         raise SystemExit(f"sp={sp} does not divide the {arch['num_heads']} heads of {model}")
     ckpt = checkpointing == 'on' or checkpointing == 'auto'  # the planner plans for GPUs: auto = on, as the trainer
-    full = token_grid(model, tokens, frames, height, width)
-    grid = token_grid(model, math.prod(full) if sp > 1 else tokens, frames, height, width, sp)
+    full = rank_grid(model, tokens, frames, height, width)
+    grid = rank_grid(model, math.prod(full) if sp > 1 else tokens, frames, height, width, sp)
     use_amp = amp == 'on' or (amp == 'auto' and (not measure or dev.type == 'cuda' or cpu_bf16()))
     t0 = time.time()
     peak, parts = plan_dit(arch, grid, world, batch_size, use_amp, ckpt, optimizer)
@@ -422,7 +409,7 @@ def naive_trd(z, y, w, margin=0.1):
 
 def main_bench(dev):
     arch = arch_of(model, blocks)
-    grid = token_grid(model, tokens, frames, height, width)
+    grid = rank_grid(model, tokens, frames, height, width)
     L, B = math.prod(grid), batch_size
     ckpt = checkpointing == 'on' or (checkpointing == 'auto' and dev.type == 'cuda')
     gpu = dev.type == 'cuda'  # bf16 autocast on fp32 weights, as the trainer
@@ -588,11 +575,6 @@ def main():
     if dev.type == 'cuda':
         torch.cuda.set_device(dev)
     t0 = time.time()
-    if encoders not in ('online', 'cached'):
-        raise SystemExit(f"encoders='{encoders}': choose online or cached")
-    for name, v in (('checkpointing', checkpointing), ('amp', amp)):
-        if v not in ('auto', 'on', 'off'):
-            raise SystemExit(f"{name}='{v}': choose auto, on or off")
     main_plan(dev) if plan else main_bench(dev)
     print(f'bench.py took {time.time() - t0:.0f} s')
 

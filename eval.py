@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from data import COLOURS, MOVES, SHAPES, load_clip, read_manifest
-from models.checkpoint import load_run
+from models.checkpoint import load_dit_run
 from models.settings import configure, run
 from models.t5 import encode
 
@@ -202,7 +202,7 @@ def sample_effects(folder, per_seed):
 def word_effects(folder, recs):
     """{swap: {sigma: mean |x0 estimate(caption) - x0 estimate(caption with the swap)|}} of a run's DiT (EMA weights,
     fp32, CPU) over the clips of recs, each clip's centre window noised once per sigma (seed 0)."""
-    dit, t5, tok, codec, meta = load_run(folder)
+    dit, t5, tok, codec, meta = load_dit_run(folder)
     c = meta['config']
     keys = [f'{k} swapped' for k in SWAPS] + ['caption dropped']
     g, out = torch.Generator().manual_seed(0), {k: {s: [] for s in SIGMAS} for k in keys}

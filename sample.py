@@ -25,15 +25,15 @@ import torch.nn.functional as F
 
 from data import ensure_shapes, load_clip, read_manifest, write_video
 from models import parallel
-from models.checkpoint import expert_folders, load_dit, load_run as checkpoint_run, load_run_dit, load_text_and_vae
-from models.settings import configure, run
+from models.checkpoint import expert_folders, load_ckpt_dit, load_dit, load_dit_run, load_text_and_vae
+from models.settings import choice, configure, run
 from models.t5 import clean_text, encode
-from models.unipc import UniPC
-from models.wan import autocast as mixed_precision
+from models.unipc import Euler, UniPC
+from models.wan import autocast as mixed_precision, token_grid
 
 out_dir = 'out/dit'            # a train_dit.py run to sample from (used when ckpt_dir is '')
 ckpt_dir = ''                  # an official Wan2.2/2.1 checkpoint folder (official or diffusers DiT layout)
-model = 'ti2v-5b'              # which official model ckpt_dir holds: t2v-a14b | i2v-a14b | ti2v-5b | t2v-1.3b | t2v-14b
+model = choice('ti2v-5b', 't2v-a14b', 'i2v-a14b', 't2v-1.3b', 't2v-14b')  # which official model ckpt_dir holds
 prompt = 'a red circle moves right over a dark grey checkered floor'  # the caption to render
 prompts = ''                   # a text file, one prompt a line: writes out/<prompt>-<index>.mp4 (VBench's naming)
 samples = 1                    # with prompts: videos per prompt, index i seeded with seed + i (VBench: 5)
@@ -41,7 +41,7 @@ sp = 0                         # torchrun ranks per video (0 = all); with prompt
 negative_prompt = ''           # '' = the official default negative prompt (runs: the empty caption)
 image = ''                     # first frame for image-to-video (i2v-a14b, or ti2v-5b)
 out = ''                       # mp4 path ('' = out_dir/sample.mp4 or sample.mp4); with prompts a folder ('' = samples)
-solver = 'unipc'               # unipc (the official default) | euler
+solver = choice('unipc', 'euler')  # the official default is unipc
 steps = 0                      # denoising steps; 0 = the model's default
 shift = 0.0                    # sigma = shift*s / (1 + (shift-1)*s); 0 = the model's default (a run's: its training shift)
 guidance = 0.0                 # classifier-free guidance scale for both A14B experts; 0 = the model's default
@@ -54,7 +54,7 @@ t5_cpu = False                 # run umT5 on the CPU (the official --t5_cpu); by
 offload = True                 # keep the idle A14B expert on the CPU, so one GPU holds the active one
 ema = True                     # a run that kept an EMA of its weights is sampled with it (False = the trained weights)
 dtype = ''                     # DiT weights: '' = as stored (official fp32, bf16 autocast) | bfloat16 (half memory)
-amp = 'auto'                   # bf16 autocast: auto (on with CUDA, and on a CPU with native bf16 matmuls) | on | off
+amp = choice('auto', 'on', 'off')  # bf16 autocast: auto = on with CUDA or native CPU bf16 matmuls
 device = 'auto'                # auto = cuda when available, else cpu
 # training-free alignment at sampling time (README: "Training-free alignment at sampling time"); both off by default
 alignvid = 1.0                 # AlignVid: text cross-attention logits times alpha = gamma_q*gamma_k (1.0 = off; published 1.35)
@@ -96,19 +96,6 @@ NEG_PROMPT = ('色调艳丽，过曝，静态，细节模糊不清，字幕，�
               '三条腿，背景人很多，倒着走')
 
 
-class Euler:
-    """First-order flow steps x += (sigma_next - sigma) v on the shifted grid from sigma = 1; UniPC's interface."""
-    def __init__(self, steps, shift):
-        s = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
-        self.sigmas = shift * s / (1 + (shift - 1) * s)
-        self.timesteps = (self.sigmas[:-1] * 1000).long()  # integer model timesteps, as officially
-        self.index = 0
-
-    def step(self, v, x):
-        self.index += 1
-        return x.float() + (self.sigmas[self.index] - self.sigmas[self.index - 1]).item() * v.float()
-
-
 def best_output_size(w, h, dw, dh, area):
     """Official TI2V rounding: the (W, H) multiple of (dw, dh) within `area` whose aspect is closest to w/h."""
     ratio = w / h
@@ -146,7 +133,7 @@ def load_expert(folder, device):
     """A DiT folder (official or diffusers layout) or a train_dit.py run folder, in the file's dtype unless `dtype`."""
     want = getattr(torch, dtype) if dtype else None
     if os.path.isdir(os.path.join(folder, 'ckpt')):
-        dit = load_run_dit(os.path.join(folder, 'ckpt'), ema=ema)[0].to(device, want)
+        dit = load_ckpt_dit(os.path.join(folder, 'ckpt'), ema=ema)[0].to(device, want)
     else:
         dit = load_dit(folder, device, want)
     return dit.eval().requires_grad_(False)
@@ -169,9 +156,9 @@ def load_official(dev):
     return experts, t5, tok, vae, OFFICIAL[model]
 
 
-def load_run(dev):
+def load_trained(dev):
     """The DiT of a train_dit.py run (its sharded checkpoint, consolidated), its text encoder and codec."""
-    dit, t5, tok, codec, meta = checkpoint_run(out_dir, dev, ema, 'cpu' if t5_cpu else dev)
+    dit, t5, tok, codec, meta = load_dit_run(out_dir, dev, ema, 'cpu' if t5_cpu else dev)
     run = meta['config']
     d = dict(frames=run['frames'], fps=meta['fps'], size=f"{run['width']}*{run['height']}", steps=50,
              shift=run['shift'], guidance=(4.0, 4.0), stride=run.get('frame_stride', 1))  # the shift it trained with
@@ -221,10 +208,6 @@ def set_logit_scale(dit, alpha, blocks):
     for i, b in enumerate(dit.blocks):
         b.cross_attn.logit_scale = alpha if alpha is not None and i in blocks else None
         b.cross_attn.adaptive = alignvid_adaptive
-
-
-def token_grid(dit, codec, frames, h, w):
-    return (frames - 1) // codec.stride[0] + 1, h // codec.stride[1] // dit.patch_size[1], w // codec.stride[2] // dit.patch_size[2]
 
 
 def to_tokens(m, grid, stride):
@@ -426,7 +409,7 @@ def calibrate_blocks(experts, t5, tok, codec, d, dev, n_frames, h, w, autocast):
         raise SystemExit(f'calibrate={calibrate}: {manifest} has no clips with entity masks')
     high = 'high' in experts and calibrate_t >= d.get('boundary', 0) * 1000
     dit = experts['single' if 'single' in experts else 'high' if high else 'low'].to(dev)
-    grid, n = token_grid(dit, codec, n_frames, h, w), len(dit.blocks)
+    grid, n = token_grid(n_frames, h, w, codec.stride, dit.patch_size), len(dit.blocks)
     lift = torch.zeros(n)
     for k, rec in enumerate(recs):
         clip = load_clip(rec, n_frames, h, w, d.get('stride', 1))
@@ -470,16 +453,12 @@ def main():
         if bad:  # the prompt is the file name (VBench's convention)
             raise SystemExit(f'{prompts}: the prompt {bad[:60]!r} cannot be a file name (a "/" or over 240 bytes)')
         jobs = [(t, i) for t in texts for i in range(samples)]
-    if ckpt_dir and model not in OFFICIAL:
-        raise SystemExit(f"unknown model '{model}'; choose one of {', '.join(OFFICIAL)}")
     if ckpt_dir and model == 'i2v-a14b' and not image:
         raise SystemExit('i2v-a14b generates from a first frame: pass --image=<path>')
     if image and model.startswith('t2v'):
         raise SystemExit(f'--image is for image-to-video models (i2v-a14b, ti2v-5b); {model} is text-to-video: '
                          f'drop --image or pick such a model')
-    if solver not in ('unipc', 'euler'):
-        raise SystemExit(f"unknown solver '{solver}'; choose unipc or euler")
-    experts, t5, tok, codec, d = load_official(dev) if ckpt_dir else load_run(dev)
+    experts, t5, tok, codec, d = load_official(dev) if ckpt_dir else load_trained(dev)
     if ('high' in experts) != ('boundary' in d):
         raise SystemExit(f"{ckpt_dir} holds {', '.join(experts)} DiT folder(s), which does not fit model={model}")
     any_dit = next(iter(experts.values()))
@@ -534,7 +513,7 @@ def main():
         lay_prompt, boxes, verbs = oracle_layout(n_frames, d.get('stride', 1)) if layout == 'oracle' else \
             read_layout(layout, n_frames)
         jobs = [(lay_prompt or prompt, None)]
-        grid = token_grid(any_dit, codec, n_frames, h, w)  # after an image's size rounding
+        grid = token_grid(n_frames, h, w, codec.stride, any_dit.patch_size)  # after an image's size rounding
         plan = make_plan(jobs[0][0], boxes, verbs, tok, any_dit.text_len, grid, codec.stride[0], f'layout {layout}')
         refocused = parse_blocks(refocus_blocks, n_blocks, 'refocus_blocks')
         print(f'refocusing {len(boxes)} phrase(s), {len(verbs)} verb(s) at blocks {block_string(refocused)}: '

@@ -21,7 +21,7 @@ from models.aligner import Aligner, auroc, build_queries, info_nce, iou, mask_ta
 from models.checkpoint import (DIT_CONFIG, DIT_FROM_DIFFUSERS, INDEX, WEIGHTS, expert_folders, export_dit, load_dit,
                                load_pth, load_state_dict, load_weights, pth_to_safetensors, rename, T5_FROM_TRANSFORMERS,
                                vae_from_diffusers)
-from models.settings import configure
+from models.settings import choice, configure
 from models.t5 import T5Encoder, Tokenizer, build_tokenizer, clean_text, configs as t5_configs, encode
 from models.trd import pair_budget, trd_loss
 from models.unipc import UniPC, expert_split
@@ -69,6 +69,22 @@ def test_settings_errors(script):
         settings(script, ['--compile=2'])
     with pytest.raises(SystemExit, match=r'--key=value'):
         settings(script, ['--max_iters'])
+
+
+def test_choice_settings(tmp_path, capsys):
+    path = tmp_path / 'script.py'
+    path.write_text("amp = choice('auto', 'on', 'off')  # bf16 autocast\ncfg = configure(globals(), __file__)\n")
+    g = {'choice': choice}
+    exec(compile(path.read_text().replace('cfg = configure(globals(), __file__)', ''), str(path), 'exec'), g)
+    assert configure(dict(g), str(path), ['--amp=on']) == {'amp': 'on'}
+    assert type(configure(dict(g), str(path), [])['amp']) is str
+    with pytest.raises(SystemExit, match="setting 'amp' is 'bf16': choose auto, on, off"):
+        configure(dict(g), str(path), ['--amp=bf16'])
+    with pytest.raises(SystemExit, match=r"'of' \(did you mean off\?\)"):
+        configure(dict(g), str(path), ['--amp=of'])
+    with pytest.raises(SystemExit):
+        configure(dict(g), str(path), ['--help'])
+    assert '(auto | on | off)' in capsys.readouterr().out
 
 
 def test_help_joins_continued_comments(tmp_path, capsys):
@@ -581,8 +597,8 @@ def test_ema_follows_the_weights_and_is_sampled(tiny_run, tmp_path):
     r = run('train_dit.py', *args, f'--out_dir={tmp_path}/e', '--max_iters=3', '--ckpt_interval=1', '--keep_last=0',
             '--ema_decay=0.5')
     assert r.returncode == 0, r.stderr
-    from models.checkpoint import load_run_dit
-    weights = lambda k, ema: dict(load_run_dit(str(tmp_path / 'e' / f'ckpt-{k:06d}'), ema=ema)[0].named_parameters())
+    from models.checkpoint import load_ckpt_dit
+    weights = lambda k, ema: dict(load_ckpt_dit(str(tmp_path / 'e' / f'ckpt-{k:06d}'), ema=ema)[0].named_parameters())
     ema = weights(1, True)
     for k in (2, 3):
         trained = weights(k, False)
@@ -1026,8 +1042,6 @@ def test_cpu_bf16_autocast_keeps_the_fp32_islands():
     assert out.dtype == torch.float32 and seen == [torch.bfloat16, torch.float32]  # the FFN's matmul, the head's
     rel = ((out - ref).norm() / ref.norm()).item()
     assert 0 < rel < 2e-2, rel
-    with pytest.raises(SystemExit, match="amp='bf16': choose auto, on or off"):
-        autocast(cpu, 'bf16')
 
 
 @pytest.mark.parametrize('L, M, dtype, tol', [(45, 45, torch.float32, 1e-5), (192, 64, torch.bfloat16, 1e-2),
@@ -3015,18 +3029,18 @@ def test_word_effects_measure_what_the_dit_reads_from_the_caption(tiny_run, tmp_
     effects = judge.word_effects(str(root / 'a'), recs)
     assert list(effects) == ['shape swapped', 'direction swapped', 'colour swapped', 'caption dropped']
     assert all(list(e) == [0.9, 0.6, 0.3] and all(v > 1e-4 for v in e.values()) for e in effects.values()), effects
-    load = ckpt.load_run_dit
+    load = ckpt.load_ckpt_dit
 
     def deaf(*args, **kwargs):
         dit, meta = load(*args, **kwargs)
         for block in dit.blocks:
             block.cross_attn.o.weight.data.zero_(), block.cross_attn.o.bias.data.zero_()
         return dit, meta
-    monkeypatch.setattr(ckpt, 'load_run_dit', deaf)
+    monkeypatch.setattr(ckpt, 'load_ckpt_dit', deaf)
     deaf_effects = judge.word_effects(str(root / 'a'), recs)
     # (at most float rounding: the batch's last row may take another GEMM path)
     assert all(v < 1e-6 for e in deaf_effects.values() for v in e.values()), deaf_effects
-    monkeypatch.setattr(ckpt, 'load_run_dit', load)
+    monkeypatch.setattr(ckpt, 'load_ckpt_dit', load)
     r = run('eval.py', f'--videos={root}/data/val.jsonl', f'--runs={root}/a', '--seeds=2', '--steps=2', '--size=32*32',
             '--words=True', f'--out={tmp_path}/j.json')
     assert r.returncode == 0, r.stderr
@@ -3087,26 +3101,23 @@ def test_bench_prints_ours_diffusers_and_their_ratio():
     assert tuple(rows[at + 1:at + 4]) == aligned  # right after the plain step
 
 
-def test_learning_rate_warms_up_then_decays_to_its_floor(monkeypatch):
-    monkeypatch.setattr(sys, 'argv', ['train_dit.py'])
-    import train_dit
-    for k, v in dict(learning_rate=2e-3, warmup_iters=50, lr_decay_iters=1200, lr_floor=0.1).items():
-        monkeypatch.setattr(train_dit, k, v)
-    lrs = [train_dit.lr_at(i) for i in range(1300)]
+def test_learning_rate_warms_up_then_decays_to_its_floor():
+    from models.optim import lr_at
+    lrs = [lr_at(i, 2e-3, 50, 1200, 0.1) for i in range(1300)]
     assert lrs[0] == 2e-3 / 50 and lrs[49] == lrs[50] == 2e-3
     assert all(a > b for a, b in zip(lrs[50:1200], lrs[51:1201]))
     assert lrs[625] == pytest.approx(1.1e-3) and lrs[1200] == lrs[1299] == pytest.approx(2e-4)
-    monkeypatch.setattr(train_dit, 'lr_decay_iters', 0)  # constant after warmup (fine-tuning official weights)
-    assert train_dit.lr_at(49) == train_dit.lr_at(5000) == 2e-3
+    # constant after warmup (fine-tuning official weights)
+    assert lr_at(49, 2e-3, 50, 0, 0.1) == lr_at(5000, 2e-3, 50, 0, 0.1) == 2e-3
 
 
 def test_dit_flops_match_torch_flop_counter(monkeypatch):
-    # bench.dit_flops counts the blocks' matmuls by formula; torch's FlopCounterMode counts every matmul of a real
+    # dit_flops counts the blocks' matmuls by formula; torch's FlopCounterMode counts every matmul of a real
     # block forward + backward (inputs needing gradients, as inside the DiT). The CPU's fused SDPA kernel has no FLOP
     # formula in the counter, so attention runs as explicit matmuls here (the same arithmetic).
     from torch.utils.flop_counter import FlopCounterMode
-    import bench
     import models.wan as wan
+    from models.optim import dit_flops
 
     def math_attention(q, k, v, scale=None):
         q, k, v = (a.transpose(1, 2) for a in (q, k, v))
@@ -3121,7 +3132,7 @@ def test_dit_flops_match_torch_flop_counter(monkeypatch):
     freqs = wan.rope_table(d // arch['num_heads'], (2, 4, 6), torch.device('cpu'))
     with FlopCounterMode(display=False) as counter:
         block(x, e0, freqs, context, None, L).square().mean().backward()
-    assert counter.get_total_flops() == bench.dit_flops(arch, L)
+    assert counter.get_total_flops() == dit_flops(arch, L)
 
 
 def plan_output(*args):

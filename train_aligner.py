@@ -21,7 +21,6 @@ Evaluation on val.jsonl beside the manifest: saliency IoU and AUROC per query ki
 caption) against a baseline that predicts each token's mean target over the training set.
 """
 import json
-import math
 import os
 import time
 
@@ -33,11 +32,12 @@ from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
 from data import ClipLoader, ensure_shapes, load_clip, read_manifest, resize_crop, toy_tokenizer
-from models.aligner import (Aligner, auroc, build_queries, info_nce, iou, load_encoders, load_run, mask_targets,
-                            tokenize)
+from models.aligner import (Aligner, auroc, build_queries, info_nce, iou, load_encoders, mask_targets,
+                            read_aligner_ckpt, tokenize)
 from models import parallel
 from models.checkpoint import atomic_save, load_state_dict
-from models.settings import configure, run, save_config
+from models.optim import adamw, lr_at
+from models.settings import choice, configure, run, save_config
 from models.t5 import encode
 from models.vjepa import preprocess
 from models.wan import autocast as mixed_precision
@@ -48,8 +48,7 @@ vjepa_model = 'debug'          # V-JEPA variant, a key of models/vjepa.py config
 vjepa_ckpt = ''                # official V-JEPA .pt file; '' = a frozen random-init encoder made from the seed
 ckpt_dir = ''                  # official Wan2.2 folder whose umT5 and tokenizer to use; '' = the debug umT5
                                # (frozen, random) and the tokenizer beside the manifest
-amp = 'auto'                   # bf16 autocast of the frozen V-JEPA and umT5: auto (on with CUDA, and on a CPU with
-                               # native bf16 matmuls) | on | off
+amp = choice('auto', 'on', 'off')  # bf16 autocast of the frozen encoders: auto = on with CUDA or native CPU bf16
 device = 'auto'                # auto = cuda when available, else cpu
 seed = 0                       # seeds the aligner, the debug encoders and the data order
 batch_size = 8                 # clips per iteration (per rank under torchrun)
@@ -63,9 +62,9 @@ heads = 4                      # aligner attention heads
 depth = 2                      # aligner fusion blocks
 max_iters = 600                # total training iterations
 learning_rate = 1e-3           # peak AdamW learning rate
-min_lr = 1e-4                  # cosine decay floor
 warmup_iters = 20              # linear learning-rate warmup
-lr_decay_iters = 600           # cosine decay length (nanoGPT: about max_iters)
+lr_decay_iters = 600           # then a cosine decay to lr_floor x learning_rate at this iteration (0 = constant)
+lr_floor = 0.1                 # the decay's end as a fraction of learning_rate
 weight_decay = 0.01            # AdamW weight decay on matrices
 grad_clip = 1.0                # clip the gradient norm to this (0 = off)
 temperature = 0.07             # InfoNCE temperature
@@ -79,13 +78,13 @@ ckpt_interval = 200            # iterations between checkpoints (one is always w
 pictures = 2                   # validation clips drawn at each evaluation (out_dir/saliency/iter_XXXX_clipN.png)
 picture_frames = 4             # frames per picture row (one row per query; per frame: mask overlay, heatmap)
 picture_zoom = 2               # picture cells are the model input enlarged this many times
-init_from = 'scratch'          # scratch | resume (out_dir/ckpt.pt)
+init_from = choice('scratch', 'resume')  # resume = continue out_dir/ckpt.pt
 skip_bad = False               # skip unreadable clips (counted and reported) instead of stopping
 num_workers = 0                # data loader worker processes
 clip_ram = 2.0                 # GiB of decoded clips (resized, uint8) kept in memory per loader process: later
                                # epochs cut their windows from them instead of decoding (0 = off; the toy's
                                # 256 clips take 25 MiB, and decoding took a fifth of a toy iteration)
-task = 'train'                 # train | saliency (draw the saliency of out_dir/ckpt.pt for --video and --caption)
+task = choice('train', 'saliency')  # saliency = draw out_dir/ckpt.pt's saliency for --video and --caption
 video = ''                     # task=saliency: the video file
 caption = ''                   # task=saliency: the caption to ask
 out = ''                       # task=saliency: the PNG to write ('' = out_dir/saliency/<video name>.png)
@@ -247,28 +246,13 @@ def evaluate(aligner, frozen, records, base, grid, it):
     return out
 
 
-def lr_at(it):
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / warmup_iters
-    if it >= lr_decay_iters:
-        return min_lr
-    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
-
-
-def load_ckpt(path, what):
-    if not os.path.exists(path):
-        raise SystemExit(f'{what}: {path} does not exist (train with init_from=scratch first)')
-    return load_run(path)
-
-
 def saliency_task():
     """Draw the saliency of out_dir/ckpt.pt for --video and --caption (frames, size and encoders as in training)."""
     if not video or not caption:
         raise SystemExit('task=saliency needs --video=path.mp4 and --caption="..."')
     if not os.path.isfile(video):
         raise SystemExit(f'--video={video}: file not found')
-    ckpt = load_ckpt(os.path.join(out_dir, 'ckpt.pt'), 'task=saliency')
+    ckpt = read_aligner_ckpt(os.path.join(out_dir, 'ckpt.pt'), 'task=saliency')
     c, dev = ckpt['config'], parallel.pick_device(device)
     vjepa, t5, tok = load_encoders(c, dev, os.path.join(out_dir, 'tokenizer.json'), ckpt)
     grid = tuple(ckpt['grid'])
@@ -296,9 +280,7 @@ def main():
     master = rank == 0
     manifest = ensure_shapes('data/shapes') if data == 'shapes' else data
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    ckpt = load_ckpt(ckpt_path, 'init_from=resume') if init_from == 'resume' else None
-    if init_from not in ('scratch', 'resume'):
-        raise SystemExit(f"init_from='{init_from}': choose scratch or resume")
+    ckpt = read_aligner_ckpt(ckpt_path, 'init_from=resume') if init_from == 'resume' else None
     try:
         loader = ClipLoader(manifest, batch_size, frames, height, width, stride=frame_stride, rank=rank,
                             world_size=world, seed=seed, skip_bad=skip_bad, num_workers=num_workers,
@@ -333,10 +315,7 @@ def main():
     aligner.to(dev).train()
     model = torch.nn.parallel.DistributedDataParallel(aligner, device_ids=[dev] if dev.type == 'cuda' else None) \
         if ddp else aligner
-    decay = [p for p in aligner.parameters() if p.dim() >= 2]
-    no_decay = [p for p in aligner.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
-                            lr=learning_rate, betas=(0.9, 0.99))
+    opt = adamw(aligner.parameters(), learning_rate, weight_decay)
     it, history = 0, []
     if ckpt is not None:
         opt.load_state_dict(ckpt['optimizer'])
@@ -410,7 +389,7 @@ def main():
             count = torch.tensor([float(targets.numel())], device=dev)
             if ddp:
                 dist.all_reduce(count)
-        lr = lr_at(it)
+        lr = lr_at(it, learning_rate, warmup_iters, lr_decay_iters, lr_floor)
         for group in opt.param_groups:
             group['lr'] = lr
         with frozen.autocast:
@@ -462,9 +441,4 @@ def main():
 
 
 if __name__ == '__main__':
-    if task == 'saliency':
-        run(saliency_task)
-    elif task == 'train':
-        run(main)
-    else:
-        raise SystemExit(f"task='{task}': choose train or saliency")
+    run(saliency_task if task == 'saliency' else main)

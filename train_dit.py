@@ -39,30 +39,30 @@ from models import parallel
 from models.aligner import load_aligner
 from models.checkpoint import (atomic_save, dit_kwargs, export_dit, load_dit, load_text_and_vae, read_sharded, read_torch,
                                run_meta, save_sharded)
-from models.settings import configure, run, save_config
+from models.optim import adamw, dit_flops, lr_at, peak_flops
+from models.settings import choice, configure, run, save_config
 from models.t5 import T5Encoder, Tokenizer, configs as t5_configs, encode
 from models.trd import pair_budget, trd_loss
+from models.unipc import shifted, unshifted
 from models.vae import load_codec
 from models.vjepa import VJEPA, configs as vjepa_configs, load_vjepa, preprocess
 from models.wan import WanModel, autocast as mixed_precision, configs as wan_configs
 
 out_dir = 'out/dit'            # run folder: config.json, ckpt-<iter>/ (sharded checkpoints), tokenizer.json
 data = 'shapes'                # a manifest .jsonl, or 'shapes': the built-in toy set, rendered into data/shapes if absent
-model = 'debug'                # DiT config, a key of models/wan.py configs
+model = choice('debug', *wan_configs)  # DiT config, a key of models/wan.py configs
 ckpt_dir = ''                  # official Wan2.2 folder for umT5, tokenizer and VAE; '' = debug umT5, toy tokenizer, pixel
 device = 'auto'                # auto = cuda when available (one GPU per torchrun process), else cpu
 seed = 0                       # seeds the weights, and with each clip's slot its noise, timestep and caption dropout
 batch_size = 8                 # clips per iteration per data-parallel rank (and per accumulation step)
 grad_accum = 1                 # accumulation steps: global batch = batch_size x dp x grad_accum
 sp = 1                         # sequence-parallel ranks per clip (Ulysses); dp = world size / sp
-checkpointing = 'auto'         # recompute each DiT block in backward: auto (on with CUDA) | on | off
-amp = 'auto'                   # bf16 autocast on fp32 weights: auto (on with CUDA, and on a CPU with native bf16
-                               # matmuls, e.g. AVX512-BF16: the toy run 1.5x faster there) | on | off
+checkpointing = choice('auto', 'on', 'off')  # recompute each DiT block in backward: auto = on with CUDA
+amp = choice('auto', 'on', 'off')  # bf16 autocast on fp32 weights: auto = on with CUDA or native CPU bf16 matmuls
 frames = 9                     # pixel frames per clip, 1 + 4k
 height = 32                    # clip height after resize and centre crop
 width = 32                     # clip width after resize and centre crop
-window = 'random'              # where a clip's frames are cut: random (a new start each epoch) | centre (one window per
-                               # clip; what a cache holds, so cache=build/use always cut the centre)
+window = choice('random', 'centre')  # where a clip's frames are cut: a new start each epoch, or one window per clip
 frame_stride = 1               # take every n-th frame of the source clip (toy: more motion per 4-frame latent was
                                # harder to learn: judge score 0.27 at stride 2 vs 0.31 at 1 after 1,000 iterations)
 max_iters = 3200               # total training iterations
@@ -80,7 +80,7 @@ t_range = (0.0, 1.0)           # sigma range after the shift, e.g. (0.875, 1.0) 
 shift = 5.0                    # sigma = shift*u / (1 + (shift-1)*u) for u uniform in the range: > 1 trains more
                                # at high noise, where a video's layout is decided (Wan samples with 5)
 caption_dropout = 0.1          # share of empty captions, so that classifier-free guidance works
-route = 'none'                 # TRD: none (SFT) | uniform (VideoREPA) | motion (ours: motion-weighted) | or (SARA) | and | xor
+route = choice('none', 'uniform', 'motion', 'or', 'and', 'xor')  # TRD pairs: uniform (VideoREPA), motion (ours: motion-weighted), or (SARA); none = SFT
 aligner_ckpt = 'out/aligner/ckpt.pt'  # Stage 1 run: its saliency for or/and/xor and, when it exists, its V-JEPA
                                       # gives every route's targets ('' = none: uniform/motion use vjepa_model)
 trd_weight = 0.5               # L = L_flow + trd_weight * L_TRD
@@ -102,30 +102,13 @@ num_workers = 0                # data loader worker processes
 clip_ram = 2.0                 # GiB of decoded clips (resized, uint8) kept in memory per loader process: later
                                # epochs cut their windows from them instead of decoding (0 = off; the toy's
                                # 256 clips take 25 MiB, and decoding took a fifth of a toy iteration)
-cache = 'off'                  # the frozen models' outputs (latents, umT5 features, V-JEPA targets, saliency): off =
-                               # computed every step | build = computed once per clip of the manifest into cache_dir,
-                               # then stop (under torchrun each rank its share) | use = read from cache_dir: the VAE,
-                               # umT5, V-JEPA and aligner are not loaded, a cache made otherwise is refused
+cache = choice('off', 'build', 'use')  # frozen outputs: computed every step | once per clip into cache_dir | read from it
 cache_dir = ''                 # the cache folder ('' = cache-<manifest name> beside the manifest)
 
 cfg = configure(globals(), __file__)
 
 SALIENT = ('or', 'and', 'xor')  # the routes that weight pairs by the aligner's saliency
 PEAK_TFLOPS = {'H100': 989, 'H200': 989, 'H800': 989, 'B200': 2250, 'A100': 312, 'A800': 312, 'L40S': 362}  # dense bf16
-
-
-def shifted(u, s):
-    return s * u / (1 + (s - 1) * u)
-
-
-def lr_at(it):
-    """Linear warmup, then a cosine decay to lr_floor x learning_rate at lr_decay_iters (0: constant after warmup)."""
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / warmup_iters
-    if not lr_decay_iters:
-        return learning_rate
-    ratio = min(1.0, (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters))
-    return learning_rate * (lr_floor + (1 - lr_floor) * 0.5 * (1 + math.cos(math.pi * ratio)))
 
 
 def vjepa_tokens(vjepa, video, grid):
@@ -306,16 +289,6 @@ def pad_text(feats, text_len):
 
 
 def main():
-    if model not in wan_configs:
-        raise SystemExit(f"unknown model '{model}'; choose one of {', '.join(wan_configs)}")
-    if route not in ('none', 'uniform', 'motion', 'or', 'and', 'xor'):
-        raise SystemExit(f"unknown route '{route}'; choose none, uniform, motion, or, and or xor")
-    if checkpointing not in ('auto', 'on', 'off'):
-        raise SystemExit(f"checkpointing='{checkpointing}': choose auto, on or off")
-    if cache not in ('off', 'build', 'use'):
-        raise SystemExit(f"cache='{cache}': choose off, build or use")
-    if window not in ('random', 'centre'):
-        raise SystemExit(f"window='{window}': choose random or centre")
     ckpt_path = os.path.join(out_dir, 'ckpt')
     meta, run = None, None  # the checkpoint we resume, or the run whose weights we start from
     if init_from == 'resume':
@@ -472,10 +445,7 @@ def main():
         trainable['projector'] = parallel.shard(projector.to(dev), mesh)
 
     params = list(trainable.parameters())
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
-                            lr=learning_rate, betas=(0.9, 0.99), fused=True)  # one kernel, on the CPU too
+    opt = adamw(params, learning_rate, weight_decay, fused=True)  # one kernel, on the CPU too
     it = 0
     if run is not None:  # DCP reads each rank's slices, whatever the world size that wrote them
         model_sd, optim_sd = get_state_dict(trainable, opt)
@@ -496,7 +466,7 @@ def main():
     if meta is not None:
         loader.load_state_dict(meta['loader'])
         it = meta['iter']
-    u_lo, u_hi = (r / (shift - (shift - 1) * r) for r in t_range)  # the shift's inverse maps t_range to u
+    u_lo, u_hi = (unshifted(r, shift) for r in t_range)
     n_params = sum(p.numel() for p in dit.parameters())
     peak = next((v for k, v in PEAK_TFLOPS.items() if dev.type == 'cuda' and k in torch.cuda.get_device_name(dev)), 0)
 
@@ -563,7 +533,7 @@ def main():
     batches = iter(loader)
     sums, t0, n_logged, tokens_done = torch.zeros(2), time.time(), 0, 0
     while it < max_iters:
-        lr = lr_at(it)
+        lr = lr_at(it, learning_rate, warmup_iters, lr_decay_iters, lr_floor)
         for g in opt.param_groups:
             g['lr'] = lr
         for _ in range(grad_accum):  # FSDP reduce-scatters every micro-step: sharded gradients accumulate

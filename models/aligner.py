@@ -220,8 +220,10 @@ def load_encoders(c, dev, tok_path, saved=None, text=True):
     return vjepa, t5, tok
 
 
-def load_run(path):
-    """A train_aligner.py checkpoint (ckpt.pt), or one sentence saying it cannot be read."""
+def read_aligner_ckpt(path, what='aligner_ckpt'):
+    """A train_aligner.py checkpoint (ckpt.pt), or one sentence saying it is missing or cannot be read."""
+    if not os.path.exists(path):
+        raise SystemExit(f'{what}: {path} does not exist (train with init_from=scratch first)')
     return read_torch(path, 'it was not written completely or is damaged: train the aligner again '
                             '(python train_aligner.py) or point at another run')
 
@@ -229,7 +231,7 @@ def load_run(path):
 def load_aligner(path, dev, text=True):
     """A train_aligner.py run, frozen: (aligner, V-JEPA, umT5, tokenizer, its settings), the encoders being the ones
     it was trained with (text=False: without umT5 and tokenizer)."""
-    ckpt = load_run(path)
+    ckpt = read_aligner_ckpt(path)
     vjepa, t5, tok = load_encoders(ckpt['config'], dev, os.path.join(os.path.dirname(path), 'tokenizer.json'), ckpt,
                                    text)
     aligner = Aligner(**ckpt['arch'])

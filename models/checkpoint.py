@@ -416,7 +416,7 @@ def read_sharded(state, folder):
         raise SystemExit(f'{folder} cannot be read ({why}); {UNREADABLE}') from None
 
 
-def load_run_dit(folder, device='cpu', ema=True):
+def load_ckpt_dit(folder, device='cpu', ema=True):
     """The consolidated DiT of a train_dit.py checkpoint folder (out_dir/ckpt), at any world size, with its meta:
     its EMA weights when the run kept them and `ema`, else the trained weights."""
     meta = run_meta(folder)
@@ -428,7 +428,7 @@ def load_run_dit(folder, device='cpu', ema=True):
     return dit.to(device), meta
 
 
-def load_run(run_dir, device='cpu', ema=True, t5_device=None):
+def load_dit_run(run_dir, device='cpu', ema=True, t5_device=None):
     """A train_dit.py run folder -> (DiT in eval mode, umT5, tokenizer, codec, meta of run_dir/ckpt): the official
     folder's umT5 and VAE when it trained with ckpt_dir, else its debug umT5 (saved in the checkpoint), its tokenizer
     and the pixel codec."""
@@ -437,7 +437,7 @@ def load_run(run_dir, device='cpu', ema=True, t5_device=None):
     ckpt_path = os.path.join(run_dir, 'ckpt')
     if not os.path.isdir(ckpt_path):
         raise SystemExit(f'{ckpt_path} does not exist: train first (python train_dit.py) or point at a run folder')
-    dit, meta = load_run_dit(ckpt_path, ema=ema)
+    dit, meta = load_ckpt_dit(ckpt_path, ema=ema)
     t5_device = t5_device or device
     if meta['config']['ckpt_dir']:
         t5, tok, codec = load_text_and_vae(meta['config']['ckpt_dir'], dit.out_dim, t5_device, device)

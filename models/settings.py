@@ -2,7 +2,8 @@
 
 A script declares its settings as module-level constants, each with a short `# comment`, then calls
 `configure(globals(), __file__)`. Arguments are `--key=value` overrides and positional settings files
-(python files whose assignments override the defaults), applied left to right.
+(python files whose assignments override the defaults), applied left to right. A setting with a fixed set of
+values is declared as `name = choice('default', 'other', ...)`: configure() refuses any other value.
 """
 import ast
 import difflib
@@ -12,6 +13,18 @@ import re
 import sys
 
 TYPES = (bool, int, float, str, tuple, list)
+
+
+class Choice(str):
+    """A str setting's default that also carries its allowed values (the default first)."""
+    options = ()
+
+
+def choice(default, *others):
+    """Declare a choice setting: its default and the other allowed values."""
+    c = Choice(default)
+    c.options = (default, *others)
+    return c
 
 
 def _settings(g, path):
@@ -53,12 +66,16 @@ def _coerce(key, value, default, source):
 def configure(g, path, argv=None):
     """Apply settings files and --key=value arguments to the module globals `g`; return the resolved dict."""
     names, comments = _settings(g, path)
+    options = {n: g[n].options for n in names if isinstance(g[n], Choice)}
+    for n in options:
+        g[n] = str(g[n])
     argv = sys.argv[1:] if argv is None else argv
     if '--help' in argv or '-h' in argv:
         print(f'usage: python {os.path.basename(path)} [settings.py ...] [--key=value ...]\n')
         width = max(len(n) for n in names)
         for n in names:
-            print(f'  --{n:<{width}} = {g[n]!r:<24} {comments[n]}')
+            allowed = f" ({' | '.join(options[n])})" if n in options else ''
+            print(f'  --{n:<{width}} = {g[n]!r:<24} {comments[n]}{allowed}')
         raise SystemExit(0)
 
     def check(key, source):
@@ -84,6 +101,11 @@ def configure(g, path, argv=None):
                     continue
                 check(key, f"settings file '{arg}'")
                 g[key] = _coerce(key, value, g[key], f"settings file '{arg}'")
+    for n, allowed in options.items():
+        if g[n] not in allowed:
+            close = difflib.get_close_matches(g[n], allowed, n=1, cutoff=0.5)
+            hint = f' (did you mean {close[0]}?)' if close else ''
+            raise SystemExit(f"setting '{n}' is {g[n]!r}{hint}: choose {', '.join(allowed)}")
     return {n: g[n] for n in names}
 
 

@@ -1,4 +1,4 @@
-"""UniPC flow-matching sampler, the default solver of official Wan2.2 (wan/utils/fm_solvers_unipc.py).
+"""The flow-matching samplers: UniPC, the default solver of official Wan2.2 (wan/utils/fm_solvers_unipc.py), and Euler.
 
 Settings as Wan2.2 runs it: order 2, B(h) = e^h - 1 ("bh2"), data (x0) prediction, the UniC corrector on every step
 but the first, first order on the first and the last step, final sigma 0. The model predicts the velocity
@@ -16,6 +16,16 @@ import torch
 SIGMA_MAX = float(np.float32(0.999))
 
 
+def shifted(sigma, shift):
+    """Wan's timestep shift sigma -> shift*sigma / (1 + (shift-1)*sigma): > 1 spends more steps at high noise."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def unshifted(sigma, shift):
+    """The inverse of shifted."""
+    return sigma / (shift - (shift - 1) * sigma)
+
+
 def expert_split(timesteps, boundary):
     """Number of leading steps for the A14B high-noise expert (official: t >= boundary * 1000)."""
     return int((timesteps >= boundary * 1000).sum())
@@ -29,7 +39,7 @@ def _lam(sigma):
 class UniPC:
     def __init__(self, steps, shift):
         base = np.linspace(SIGMA_MAX, 0.0, steps + 1)[:-1]  # numpy float64, as official
-        sigmas = shift * base / (1 + (shift - 1) * base)
+        sigmas = shifted(base, shift)
         self.timesteps = torch.from_numpy(sigmas * 1000).long()  # truncated, not rounded: the model sees these
         self.sigmas = torch.from_numpy(np.append(sigmas, 0.0))
         self._sig = self.sigmas.float()  # the official solver does all its scalar math on float32 sigmas
@@ -83,3 +93,15 @@ class UniPC:
             x = x - w * (0.5 * ((self.x0[-2] - self.x0[-1]) / r))
         self.index += 1
         return x
+
+
+class Euler:
+    """First-order flow steps x += (sigma_next - sigma) v on the shifted grid from sigma = 1; UniPC's interface."""
+    def __init__(self, steps, shift):
+        self.sigmas = shifted(torch.linspace(1, 0, steps + 1, dtype=torch.float64), shift)
+        self.timesteps = (self.sigmas[:-1] * 1000).long()  # integer model timesteps, as officially
+        self.index = 0
+
+    def step(self, v, x):
+        self.index += 1
+        return x.float() + (self.sigmas[self.index] - self.sigmas[self.index - 1]).item() * v.float()

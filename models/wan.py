@@ -35,6 +35,12 @@ configs = {
 }
 
 
+def token_grid(frames, height, width, stride, patch_size=(1, 2, 2)):
+    """The DiT token grid (f, h, w) of a clip of frames x height x width pixels whose codec has this stride."""
+    return ((frames - 1) // stride[0] + 1) // patch_size[0], height // stride[1] // patch_size[1], \
+        width // stride[2] // patch_size[2]
+
+
 def fp32(x):
     """The official fp32 islands: autocast to float32 on CUDA; on the CPU (no float32 autocast there) autocast off,
     which runs these ops in fp32 as well, since their inputs are fp32."""
@@ -56,8 +62,6 @@ def cpu_bf16():
 def autocast(dev, amp='auto', cache=True):
     """bf16 autocast on fp32 weights, the official mixed precision. amp: auto (on with CUDA, and on a CPU with native
     bf16 matmuls) | on | off. cache: autocast's cache of bf16 weight casts."""
-    if amp not in ('auto', 'on', 'off'):
-        raise SystemExit(f"amp='{amp}': choose auto, on or off")
     on = amp == 'on' or (amp == 'auto' and (dev.type == 'cuda' or cpu_bf16()))
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on, cache_enabled=cache)
 
