@@ -16,9 +16,7 @@ ranks of a dp group share clips, noise and timesteps and split the tokens (Ulyss
 in a 1-rank group. Checkpoints (out_dir/ckpt) are sharded (torch.distributed.checkpoint) and resume at any world
 size with the same global batch = batch_size x dp x grad_accum.
 """
-import datetime
 import functools
-import hashlib
 import json
 import math
 import os
@@ -37,8 +35,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from data import ClipLoader, ensure_shapes, toy_tokenizer
 from models import parallel
 from models.aligner import load_aligner
-from models.checkpoint import (atomic_save, dit_kwargs, export_dit, load_dit, load_text_and_vae, read_sharded, read_torch,
-                               run_meta, save_sharded)
+from models.cache import SALIENT, default_folder, entry_path, open_cache, pad_text, provenance, read_entry
+from models.checkpoint import (atomic_save, dit_kwargs, export_dit, link_latest, load_dit, load_text_and_vae,
+                               read_sharded, run_checkpoints, run_meta, save_sharded)
 from models.optim import adamw, dit_flops, lr_at, peak_flops
 from models.settings import choice, configure, run, save_config
 from models.t5 import T5Encoder, Tokenizer, configs as t5_configs, encode
@@ -62,33 +61,28 @@ amp = choice('auto', 'on', 'off')  # bf16 autocast on fp32 weights: auto = on wi
 frames = 9                     # pixel frames per clip, 1 + 4k
 height = 32                    # clip height after resize and centre crop
 width = 32                     # clip width after resize and centre crop
-window = choice('random', 'centre')  # where a clip's frames are cut: a new start each epoch, or one window per clip
-frame_stride = 1               # take every n-th frame of the source clip (toy: more motion per 4-frame latent was
-                               # harder to learn: judge score 0.27 at stride 2 vs 0.31 at 1 after 1,000 iterations)
+window = choice('random', 'centre')  # where clips are cut: a new start each epoch, or one window (a cache's)
+frame_stride = 1               # take every n-th frame of the source clip
 max_iters = 3200               # total training iterations
 learning_rate = 2e-3           # peak AdamW learning rate, reached after warmup_iters
 warmup_iters = 50              # linear learning-rate warmup
-lr_decay_iters = 6400          # then a cosine decay to lr_floor x learning_rate at this iteration (0 = constant). Toy:
-                               # twice max_iters, so its rate ends near half the peak (judge 0.363 against 0.285 for
-                               # a decay to the floor at 2,000; 0.255 against 0.215 constant after 600 iterations)
+lr_decay_iters = 6400          # then a cosine decay to lr_floor x learning_rate at this iteration (0 = constant)
 lr_floor = 0.1                 # the decay's end as a fraction of learning_rate
 weight_decay = 0.0             # AdamW weight decay
 grad_clip = 1.0                # clip the gradient norm to this (0 = off)
-ema_decay = 0.99               # EMA of the DiT weights, saved with the run and sampled by default (0 = off); the
-                               # decay ramps up as (1 + iter) / (10 + iter) so the first iterations do not linger
+ema_decay = 0.99               # EMA of the DiT weights, sampled by default (0 = off); ramps up as (1 + it) / (10 + it)
 t_range = (0.0, 1.0)           # sigma range after the shift, e.g. (0.875, 1.0) for the high-noise A14B expert
-shift = 5.0                    # sigma = shift*u / (1 + (shift-1)*u) for u uniform in the range: > 1 trains more
-                               # at high noise, where a video's layout is decided (Wan samples with 5)
+shift = 5.0                    # sigma = shift*u / (1 + (shift-1)*u), u uniform: > 1 trains more at high noise
 caption_dropout = 0.1          # share of empty captions, so that classifier-free guidance works
-route = choice('none', 'uniform', 'motion', 'or', 'and', 'xor')  # TRD pairs: uniform (VideoREPA), motion (ours: motion-weighted), or (SARA); none = SFT
-aligner_ckpt = 'out/aligner/ckpt.pt'  # Stage 1 run: its saliency for or/and/xor and, when it exists, its V-JEPA
-                                      # gives every route's targets ('' = none: uniform/motion use vjepa_model)
+route = choice('none', 'uniform', 'motion', 'or', 'and', 'xor')  # TRD pair weights: or = SARA, uniform = VideoREPA,
+                               # motion (ours: motion-weighted), none = SFT
+aligner_ckpt = 'out/aligner/ckpt.pt'  # Stage 1 run: saliency for or/and/xor, and (when it exists) every route's V-JEPA
 trd_weight = 0.5               # L = L_flow + trd_weight * L_TRD
 trd_margin = 0.1               # l_ij = relu(|cos(z_i,z_j) - cos(y_i,y_j)| - margin)
 align_layer = 2                # DiT tokens after this block (1-indexed) are projected and aligned
 proj_dim = 2048                # hidden width of the projector MLP dim -> proj_dim -> proj_dim -> D_vjepa
 trd_pool = 1                   # average-pool both sides spatially by this factor (after the projector) to cut N x N
-trd_block = 256                # TRD row-block size: memory O(N x block), under N*N/8 floats at N = 16k
+trd_block = 256                # TRD row-block size: memory O(N x block)
 vjepa_model = 'debug'          # V-JEPA variant (models/vjepa.py configs) when there is no aligner run ('debug' = random)
 vjepa_ckpt = ''                # official V-JEPA .pt file ('' only for vjepa_model=debug)
 log_interval = 25              # iterations between log lines (the loss is their mean over iterations and ranks)
@@ -99,16 +93,11 @@ resume_ckpt = ''               # with init_from=resume: a checkpoint of out_dir 
 export_dir = ''                # at the end, also write the DiT here as an official folder (safetensors + config.json)
 skip_bad = False               # skip unreadable clips (counted and reported) instead of stopping
 num_workers = 0                # data loader worker processes
-clip_ram = 2.0                 # GiB of decoded clips (resized, uint8) kept in memory per loader process: later
-                               # epochs cut their windows from them instead of decoding (0 = off; the toy's
-                               # 256 clips take 25 MiB, and decoding took a fifth of a toy iteration)
+clip_ram = 2.0                 # GiB of decoded clips kept in memory per loader process, re-cut each epoch (0 = off)
 cache = choice('off', 'build', 'use')  # frozen outputs: computed every step | once per clip into cache_dir | read from it
 cache_dir = ''                 # the cache folder ('' = cache-<manifest name> beside the manifest)
 
 cfg = configure(globals(), __file__)
-
-SALIENT = ('or', 'and', 'xor')  # the routes that weight pairs by the aligner's saliency
-PEAK_TFLOPS = {'H100': 989, 'H200': 989, 'H800': 989, 'B200': 2250, 'A100': 312, 'A800': 312, 'L40S': 362}  # dense bf16
 
 
 def vjepa_tokens(vjepa, video, grid):
@@ -137,7 +126,7 @@ def check_sizes(codec, patch):
     t, s = codec.stride[0], codec.stride[1] * patch[1]
     if frames < 1 + t * (route != 'none') or (frames - 1) % t:  # TRD drops latent frame 0: it needs one more
         raise SystemExit(f'--frames={frames}: clips need 1 + {t}k frames for this codec' +
-                         (f', k >= 1 for TRD' if route != 'none' else '') + f' (e.g. {1 + t * max(1, (frames - 1) // t)})')
+                         (', k >= 1 for TRD' if route != 'none' else '') + f' (e.g. {1 + t * max(1, (frames - 1) // t)})')
     for name, v in (('height', height), ('width', width)):
         if v % s or v == 0:
             raise SystemExit(f"--{name}={v} is not a multiple of {s} ({codec.stride[1]} px per latent x {patch[1]} "
@@ -147,16 +136,33 @@ def check_sizes(codec, patch):
                          f'{height}x{width} clips')
 
 
-def run_checkpoints(folder):
-    """The complete step checkpoints of a run folder, oldest first (an interrupted save is only ever a .tmp)."""
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    return sorted(n for n in names if n.startswith('ckpt-') and n[5:].isdigit())
-
-
 def clip_generator(dev, slot):
     """The random stream of one clip, a function of the seed and its slot (epoch, position in the epoch's order)
     only: the same numbers at any layout of the global batch, and nothing to save for an exact resume."""
     return torch.Generator(dev).manual_seed((seed * 1_000_003 + slot[0]) * 1_000_003 + slot[1])
+
+
+def resolve_init():
+    """(arch, run, meta): the DiT's config, the checkpoint whose weights it starts from (None: scratch or a DiT
+    folder) and, when resuming, that checkpoint's meta (its iteration, loader and EMA)."""
+    if init_from == 'resume':
+        run = os.path.join(out_dir, resume_ckpt or 'ckpt')
+        if not os.path.isdir(run):
+            raise SystemExit(f'init_from=resume: {run} does not exist (train with init_from=scratch first' +
+                             (f'; checkpoints of {out_dir}: {", ".join(run_checkpoints(out_dir)) or "none"})'
+                              if resume_ckpt else ')'))
+        meta = run_meta(run)
+        return meta['arch'], run, meta
+    if os.path.isdir(os.path.join(init_from, 'ckpt')):  # another run: its weights, a fresh optimizer
+        run = os.path.join(init_from, 'ckpt')
+        return run_meta(run)['arch'], run, None
+    if init_from == 'scratch':
+        return wan_configs[model], None, None
+    if os.path.exists(os.path.join(init_from, 'config.json')):
+        with open(os.path.join(init_from, 'config.json')) as f:
+            return dit_kwargs(json.load(f), init_from)[0], None, None
+    raise SystemExit(f"init_from='{init_from}' is neither scratch, resume, a run folder (ckpt/) nor a DiT folder "
+                     f"(config.json)")
 
 
 # ---------------------------------------------------------------------------------------------- the frozen models
@@ -167,7 +173,7 @@ def load_frozen(manifest, records, spec, mesh, dev, meta, tok_dir):
     FSDP-sharded like the DiT; a debug run's tokenizer is written to tok_dir."""
     master = dist.get_rank() == 0
     f = SimpleNamespace(vjepa=None, aligner=None, a_t5=None, a_tok=None, a_len=0)
-    if ckpt_dir:  # the official frozen umT5 (sharded like the DiT: 10.6 GiB in bf16 unsharded), tokenizer and VAE
+    if ckpt_dir:  # the official frozen umT5 (sharded like the DiT), tokenizer and VAE
         f.t5, f.tok, f.codec = load_text_and_vae(ckpt_dir, spec.out_dim, dev, dev,
                                                  lambda m: parallel.shard(m, mesh, m.blocks))
     else:  # a frozen random debug umT5 made from the seed, saved with the run, and a word-level tokenizer
@@ -205,151 +211,256 @@ def load_frozen(manifest, records, spec, mesh, dev, meta, tok_dir):
             raise SystemExit(f'vjepa_model={vjepa_model} needs vjepa_ckpt=<its official .pt file>')
         else:
             f.vjepa = load_vjepa(vjepa_ckpt, vjepa_model, dev)
-    if route != 'none':  # the frozen V-JEPA (a ViT-g is 4 GiB in fp32) and the aligner's umT5 sharded like the DiT
+    if route != 'none':  # the frozen V-JEPA and the aligner's umT5 sharded like the DiT
         f.vjepa = parallel.shard(f.vjepa.to(dev), mesh, f.vjepa.blocks)
         if f.aligner is not None:
             f.a_t5 = parallel.shard(f.a_t5, mesh, f.a_t5.blocks)
     return f
 
 
-# ---------------------------------------------------------------------------------------------- the cache
-
-def file_id(path):
-    """A model file as a cache records it: name, size and modification time (hashing 20 GiB of weights at every
-    start would take minutes); a copy that keeps the times (cp -p, rsync -a) still matches."""
-    if not path or not os.path.exists(path):
-        return f'{path or "no file"} (missing)'
-    st = os.stat(path)
-    when = datetime.datetime.fromtimestamp(st.st_mtime, datetime.timezone.utc).isoformat()
-    return f'{os.path.basename(path)} ({st.st_size} bytes, modified {when})'
+def text_features(fz, captions, text_len, dev):
+    """umT5 features [B, text_len, dim] (zeros past each caption) and each caption's token count."""
+    ids, mask = fz.tok(captions, text_len)
+    return encode(fz.t5, ids.to(dev), mask.to(dev), text_len), mask.sum(1).tolist()
 
 
-def provenance(manifest, spec):
-    """What this run's frozen outputs depend on, as readable values: a cache is used only when it was made with the
-    same value for every key (the TRD keys only when the route aligns). The seed where it makes a random debug model;
-    the clip window does not depend on it (a cache holds every clip's centre window)."""
-    with open(manifest, 'rb') as fh:
-        made = {'manifest': f'{os.path.basename(manifest)} (sha256 {hashlib.sha256(fh.read()).hexdigest()[:16]})'}
-    made.update(frames=frames, height=height, width=width, frame_stride=frame_stride, window='centre',
-                text_len=spec.text_len)
-    if ckpt_dir:
-        made['codec'] = '; '.join(file_id(os.path.join(ckpt_dir, n)) for n in ('Wan2.2_VAE.pth', 'Wan2.1_VAE.pth')
-                                  if os.path.exists(os.path.join(ckpt_dir, n)))
-        made['umT5'] = file_id(os.path.join(ckpt_dir, 'models_t5_umt5-xxl-enc-bf16.pth'))
-        tok = os.path.join(ckpt_dir, 'google', 'umt5-xxl')
-        made['tokenizer'] = file_id(next((os.path.join(tok, n) for n in ('tokenizer.json', 'spiece.model')
-                                          if os.path.exists(os.path.join(tok, n))), tok))
-    else:
-        src = os.path.join(os.path.dirname(os.path.abspath(manifest)), 'tokenizer.json')
-        made.update(codec='pixel', umT5=f'debug, seed {seed}',
-                    tokenizer=file_id(src) if os.path.exists(src) else 'built from the captions')
-    if route != 'none':
-        made.update(trd_pool=trd_pool, patch_size=tuple(spec.patch_size))
-        made['V-JEPA'] = (f'the one of {file_id(aligner_ckpt)}' if os.path.exists(aligner_ckpt) else
-                          f'debug, seed {seed}' if vjepa_model == 'debug' else f'{vjepa_model}, {file_id(vjepa_ckpt)}')
-    if route in SALIENT:
-        made['aligner'] = file_id(aligner_ckpt)
-    return made
+def trd_targets(fz, video, captions, latent_shape, patch, dev, autocast):
+    """For TRD, on the (pooled) DiT grid without latent frame 0 (the causal VAE codes pixel frame 0 alone): the
+    frozen V-JEPA targets y [B, N, D] and, for or/and/xor, the saliency w [B, N] of the full caption."""
+    if route == 'none':
+        return None, None
+    T = (latent_shape[2] - 1, latent_shape[3] // patch[1], latent_shape[4] // patch[2])
+    with torch.no_grad(), autocast:
+        tokens = vjepa_tokens(fz.vjepa, video, T)
+        y, w = to_dit_grid(tokens, trd_pool), None
+        if fz.aligner is not None:  # the aligner's saliency on the same V-JEPA tokens
+            ids, mask = fz.a_tok(captions, fz.a_len)
+            n = int(mask.sum(1).max())
+            t = encode(fz.a_t5, ids[:, :n].to(dev), mask[:, :n].to(dev), n)
+            logits, _ = fz.aligner(tokens.flatten(1, 3), (2 * T[0], *T[1:]), t, mask[:, :n].to(dev))
+            w = to_dit_grid(torch.sigmoid(logits.float()).view(*tokens.shape[:4], 1), trd_pool)[..., 0]
+    return y, w
 
 
-def open_cache(folder, want):
-    """A cache's meta.pt when it was made as `want` says, else one sentence naming the first difference."""
+def frozen_outputs(batch, keep, fz, cached, text_len, patch, dev, autocast):
+    """A batch's latents x0, text features (the empty caption's where keep is False), TRD targets y and saliency w:
+    read from the cache, or computed by the frozen models."""
+    if cached:  # a dropped caption reads the empty one's cached features
+        x0 = torch.stack(batch['x0']).to(dev)
+        context = pad_text([c if k else cached['empty'] for c, k in zip(batch['context'], keep)], text_len).to(dev)
+        y = torch.stack(batch['y']).to(dev) if route != 'none' else None
+        w = torch.stack(batch['w']).to(dev) if route in SALIENT else None
+        return x0, context, y, w
+    video = batch['video'].to(dev)  # once, for the codec and the V-JEPA targets
+    x0 = fz.codec.encode(video)
+    context = text_features(fz, [c if k else '' for c, k in zip(batch['caption'], keep)], text_len, dev)[0]
+    return (x0, context, *trd_targets(fz, video, batch['caption'], x0.shape, patch, dev, autocast))
+
+
+def build_cache(loader, fz, folder, manifest, spec, fps, dev, autocast):
+    """cache=build: every clip's frozen outputs (its centre window) into folder, then meta.pt; under torchrun clip k
+    on rank k % world. Every rank runs the same number of clips (the last round repeats clips without writing
+    them) because the FSDP-sharded encoders gather their weights together."""
+    rank, world, recs, t0 = dist.get_rank(), dist.get_world_size(), loader.records, time.time()
     path = os.path.join(folder, 'meta.pt')
-    if not os.path.exists(path):
-        raise SystemExit(f'{folder} holds no finished cache (no meta.pt): build it first, with the settings of this '
-                         f'run and --cache=build')
-    meta = read_torch(path, 'build it again with --cache=build')
-    for key, value in want.items():
-        if key not in meta['made']:
-            raise SystemExit(f"{folder} holds no {'saliency' if key == 'aligner' else 'V-JEPA targets'} (it was built "
-                             f"with route={meta['route']}): build it again with --route={route} --cache=build")
-        if meta['made'][key] != value:
-            made = meta['made'][key]
-            raise SystemExit(f'{folder} was made with {key} = {made}, but this run has {value}: build it again with '
-                             f'these settings and --cache=build (or pass another --cache_dir)')
-    return meta
+    if rank == 0:  # meta.pt is written last: a folder without it is no finished cache
+        os.makedirs(folder, exist_ok=True)
+        if os.path.exists(path):
+            os.remove(path)
+    dist.barrier()
+    for k in range(rank, -(-len(recs) // world) * world, world):
+        clip = loader.ds[(0, k % len(recs), 0)]  # the centre window (epoch and slot do not matter)
+        with torch.no_grad():
+            video = clip['video'][None].to(dev)
+            x0 = fz.codec.encode(video)
+            context, n = text_features(fz, [clip['caption']], spec.text_len, dev)
+            y, w = trd_targets(fz, video, [clip['caption']], x0.shape, spec.patch_size, dev, autocast)
+        if k < len(recs):
+            entry = {'x0': x0[0], 'context': context[0, :n[0]], 'y': None if y is None else y[0],
+                     'w': None if w is None else w[0]}
+            # clone: a slice saved as it is would drag its whole storage (the padding to text_len) along
+            atomic_save({key: v.cpu().clone() for key, v in entry.items() if v is not None},
+                        entry_path(folder, recs[k]))
+    empty, n = text_features(fz, [''], spec.text_len, dev)  # what a dropped caption reads
+    dist.barrier()
+    if rank == 0:
+        atomic_save({'made': provenance(manifest, cfg, spec.text_len, spec.patch_size), 'route': route,
+                     'clips': len(recs), 'fps': fps, 'empty': empty[0, :n[0]].cpu().clone(),
+                     'codec': {'stride': fz.codec.stride, 'z_dim': fz.codec.z_dim},
+                     'vjepa_dim': None if fz.vjepa is None else fz.vjepa.patch_embed.proj.out_channels,
+                     **({} if ckpt_dir else {'t5': fz.t5.state_dict()})}, path)
+        print(f'cached the frozen outputs of {len(recs)} clips in {folder} ({time.time() - t0:.1f} s on {world} '
+              f'rank{"s" if world > 1 else ""}): train from them with the same settings and --cache=use', flush=True)
 
 
-def entry_path(folder, rec):
-    """One clip's cached outputs, named by its manifest line (the manifest's hash pins what each line is)."""
-    return os.path.join(folder, f"{rec['line']:08d}.pt")
+# ---------------------------------------------------------------------------------------------- the trained modules
+
+def build_trainable(arch, spec, run, mesh, dev, vjepa_dim):
+    """The DiT and, for TRD, its projector, FSDP-sharded before they hold any weights and filled shard by shard
+    (no rank holds a full fp32 copy), as one ModuleDict: one state dict and one optimizer for both."""
+    shard_dit = lambda m: parallel.shard(m, mesh, m.blocks)
+    if run is None and init_from != 'scratch':
+        dit = load_dit(init_from, dev, torch.float32, prepare=shard_dit)  # fp32 master weights, bf16 autocast
+    elif run is None:  # scratch: the seed's initialisation, the same at every layout
+        dit = WanModel(**arch)
+        dit.init_weights()
+        dit = shard_dit(dit.to(dev))
+    else:  # a run's checkpoint: DCP fills the shards (restore)
+        dit = shard_dit(spec)
+        dit.to_empty(device=dev)
+    dit.train().checkpointing = checkpointing == 'on' or (checkpointing == 'auto' and dev.type == 'cuda')
+    trainable = torch.nn.ModuleDict({'dit': dit})
+    if route != 'none':  # saved with the run, left out of the export
+        if not 1 <= align_layer <= len(dit.blocks):
+            raise SystemExit(f'align_layer={align_layer} is not a block of this DiT (1..{len(dit.blocks)})')
+        dim = dit.blocks[0].ffn[0].in_features
+        nn = torch.nn
+        projector = nn.Sequential(nn.Linear(dim, proj_dim), nn.SiLU(), nn.Linear(proj_dim, proj_dim), nn.SiLU(),
+                                  nn.Linear(proj_dim, vjepa_dim))
+        trainable['projector'] = parallel.shard(projector.to(dev), mesh)
+    return trainable
 
 
-def read_entry(folder, rec):
-    """The loader's stand-in for decoding a clip: its cached outputs {'x0', 'context'[, 'y'][, 'w']}."""
-    return torch.load(entry_path(folder, rec), map_location='cpu', weights_only=True)
+def restore(trainable, opt, run, meta):
+    """Weights (and, resuming, the optimizer) from the checkpoint run; DCP reads each rank's slices, whatever the
+    world size that wrote them. Another run's checkpoint gives its DiT only (a fresh projector and optimizer)."""
+    model_sd, optim_sd = get_state_dict(trainable, opt)
+    if meta is None:
+        state = {'model': {k: v for k, v in model_sd.items() if k.startswith('dit.')}}
+        read_sharded(state, run)
+        set_model_state_dict(trainable, state['model'], options=StateDictOptions(strict=False))
+    else:
+        state = {'model': model_sd, 'optim': optim_sd}
+        read_sharded(state, run)
+        set_state_dict(trainable, opt, model_state_dict=state['model'], optim_state_dict=state['optim'])
 
 
-def pad_text(feats, text_len):
-    """Trimmed umT5 features, one [n_i, dim] per clip -> [B, text_len, dim] with zeros past each caption (as encode)."""
-    ctx = feats[0].new_zeros(len(feats), text_len, feats[0].shape[-1])
-    for i, f in enumerate(feats):
-        ctx[i, :len(f)] = f
-    return ctx
+def make_ema(dit, run, meta):
+    """The EMA: fp32 copies of this rank's DiT shards (no communication) under the checkpoint's 'model' key names,
+    read back from the checkpoint when resuming ({} with ema_decay=0)."""
+    if not ema_decay:
+        return {}
+    ema = {f'dit.{k}': p.detach().clone() for k, p in dit.named_parameters()}
+    if meta is not None:
+        if not meta['config'].get('ema_decay'):
+            raise SystemExit(f"{run} has no EMA weights (trained with ema_decay=0): resume it with --ema_decay=0")
+        read_sharded({'ema': ema}, run)
+    return ema
 
+
+def save(trainable, opt, ema, it, meta):
+    """out_dir/ckpt-<iter> (sharded, every rank its part), then out_dir/ckpt re-pointed at it and old ones removed."""
+    model_sd, optim_sd = get_state_dict(trainable, opt)
+    name = f'ckpt-{it:06d}'
+    save_sharded(os.path.join(out_dir, name), {'model': model_sd, 'optim': optim_sd, **({'ema': ema} if ema else {})},
+                 {'iter': it, **meta})
+    if dist.get_rank() == 0:
+        link_latest(out_dir, name, keep_last)
+    dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------- one step
+
+def noised(x0, gens, u_lo, u_hi, dev):
+    """Flow matching's x_t = (1 - sigma) x0 + sigma eps for each clip's sigma (shifted, in t_range) and noise eps."""
+    u = u_lo + (u_hi - u_lo) * torch.cat([torch.rand(1, generator=g, device=dev) for g in gens])
+    sigma = shifted(u, shift).view(-1, 1, 1, 1, 1)
+    noise = torch.stack([torch.randn(x0.shape[1:], generator=g, device=dev) for g in gens])
+    return sigma, noise, (1 - sigma) * x0 + sigma * noise
+
+
+def losses(trainable, x0, sigma, noise, xt, context, y, w, group, autocast):
+    """L_flow (the same on every sp rank) and this rank's share of L_TRD (None without TRD): under sequence
+    parallelism each rank projects its own tokens, gathers the group's and computes its rows against all columns."""
+    dit = trainable['dit']
+    grid = (x0.shape[2], x0.shape[3] // dit.patch_size[1], x0.shape[4] // dit.patch_size[2])
+    with autocast:
+        out = dit(xt, 1000 * sigma.flatten(), context, features_at=align_layer if route != 'none' else 0, group=group)
+        pred, feats = out if route != 'none' else (out, None)
+        l_flow = F.mse_loss(pred, noise - x0)
+        if feats is None:
+            return l_flow, None
+        z = trainable['projector'](feats.flatten(0, 1)).unflatten(0, feats.shape[:2])  # 2-D: no view for FSDP
+        z = parallel.seq_gather(z, group, math.prod(grid)).unflatten(1, grid)[:, 1:]
+        z = pool_tokens(z, trd_pool)  # latent frame 0 dropped, as for the targets y
+        pooled = (grid[0] - 1, grid[1] // trd_pool, grid[2] // trd_pool)
+        part = (0, 1) if group is None else (group.rank(), sp)
+        return l_flow, trd_loss(z, y, w, route=route, margin=trd_margin, block=trd_block, grid=pooled, part=part)
+
+
+def rank_loss(l_flow, l_trd):
+    """What this rank backpropagates. models/parallel.py's convention: the sp ranks' shares add up to the group's
+    loss (each takes 1/sp of L_flow, its rows of L_TRD) and FSDP averages over all dp x sp ranks, so the shares are
+    scaled by sp (a sum over sp, a mean over dp); / grad_accum averages the micro-steps."""
+    share = l_flow / sp + (0 if l_trd is None else trd_weight * l_trd)
+    return share * sp / grad_accum
+
+
+def log_line(it, sums, n_logged, dt, tok_s, lr, w, arch, L, dev):
+    """One log line: the mean losses, speed, the last batch's saliency and pair budget, memory and MFU."""
+    l_flow, l_trd = sums.tolist()
+    trd = '' if route == 'none' else f', trd {l_trd:.4f}'
+    if w is not None:  # how the route spends its pair budget (the paper's figure)
+        b = pair_budget(w)
+        trd += (f", saliency {w.mean():.3f}, pairs fg-fg/fg-bg/bg-bg {b['fg_fg']:.0%}/{b['fg_bg']:.0%}/"
+                f"{b['bg_bg']:.0%}, {route} weight {b[route + '/fg_fg']:.0%}/{b[route + '/fg_bg']:.0%}/"
+                f"{b[route + '/bg_bg']:.0%}")
+    if dev.type == 'cuda':
+        mem = f', peak mem {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB'
+        peak = peak_flops(dev)
+        mem += f', MFU {dit_flops(arch, L) / L * tok_s / dist.get_world_size() / peak:.1%}' if peak else ''
+    else:
+        mem = f', peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB'
+    return f'iter {it}: loss {l_flow:.4f}{trd}, {1000 * dt:.1f} ms/iter, {tok_s:,.0f} tokens/s, lr {lr:.2e}{mem}'
+
+
+def export(dit, ema):
+    """The DiT (its EMA weights when kept) as an official folder in export_dir, gathered on rank 0's host memory
+    one tensor at a time."""
+    if ema:
+        for p, e in zip(dit.parameters(), ema.values()):
+            p.data.copy_(e)
+    sd = get_model_state_dict(dit, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        export_dit(dit, export_dir, sd=sd)
+
+
+# ---------------------------------------------------------------------------------------------- main
 
 def main():
-    ckpt_path = os.path.join(out_dir, 'ckpt')
-    meta, run = None, None  # the checkpoint we resume, or the run whose weights we start from
-    if init_from == 'resume':
-        run = os.path.join(out_dir, resume_ckpt or 'ckpt')
-        if not os.path.isdir(run):
-            raise SystemExit(f'init_from=resume: {run} does not exist (train with init_from=scratch first' +
-                             (f'; checkpoints of {out_dir}: {", ".join(run_checkpoints(out_dir)) or "none"})'
-                              if resume_ckpt else ')'))
-        meta = run_meta(run)
-        arch = meta['arch']
-    elif os.path.isdir(os.path.join(init_from, 'ckpt')):  # another run: its weights, a fresh optimizer
-        run = os.path.join(init_from, 'ckpt')
-        arch = run_meta(run)['arch']
-    elif init_from == 'scratch':
-        arch = wan_configs[model]
-    elif os.path.exists(os.path.join(init_from, 'config.json')):
-        with open(os.path.join(init_from, 'config.json')) as f:
-            arch = dit_kwargs(json.load(f), init_from)[0]
-    else:
-        raise SystemExit(f"init_from='{init_from}' is neither scratch, resume, a run folder (ckpt/) nor a DiT folder "
-                         f"(config.json)")
+    arch, run, meta = resolve_init()
     mesh, dev = parallel.init(sp, device, heads=arch['num_heads'])
-    group, rank, world = parallel.sp_group(mesh), dist.get_rank(), dist.get_world_size()
-    dp, dp_rank, master = mesh['dp'].size(), mesh['dp'].get_local_rank(), dist.get_rank() == 0
+    group, world, master = parallel.sp_group(mesh), dist.get_world_size(), dist.get_rank() == 0
+    dp, dp_rank = mesh['dp'].size(), mesh['dp'].get_local_rank()
     global_batch = batch_size * dp * grad_accum
     if meta is not None and meta['global_batch'] != global_batch:
-        raise SystemExit(f"{ckpt_path} was trained with a global batch of {meta['global_batch']} clips; this layout "
-                         f"gives {global_batch} (batch_size {batch_size} x dp {dp} x grad_accum {grad_accum}): set "
+        raise SystemExit(f"{run} was trained with a global batch of {meta['global_batch']} clips; this layout gives "
+                         f"{global_batch} (batch_size {batch_size} x dp {dp} x grad_accum {grad_accum}): set "
                          f"batch_size or grad_accum so that the product stays {meta['global_batch']}")
     manifest = ensure_shapes('data/shapes') if data == 'shapes' else data
-    folder = cache_dir or os.path.join(os.path.dirname(os.path.abspath(manifest)),
-                                       'cache-' + os.path.splitext(os.path.basename(manifest))[0])
+    folder = cache_dir or default_folder(manifest)
     try:  # every rank builds the same clip list; a layout the data cannot fill is refused on all of them
-        # a cache holds one (centre) window per clip: online training with window=centre reads the same clips
         loader = ClipLoader(manifest, batch_size, frames, height, width, stride=frame_stride, rank=dp_rank,
                             world_size=dp, seed=seed, skip_bad=skip_bad, num_workers=num_workers, accum=grad_accum,
-                            window='centre' if cache != 'off' else window,
+                            window='centre' if cache != 'off' else window,  # a cache holds the centre windows
                             fetch=functools.partial(read_entry, folder) if cache == 'use' else None, masks=False,
                             ram=int(clip_ram * 2**30))
     except ValueError as err:
         raise SystemExit(str(err)) from None
-    if master and cache != 'build':  # a build is no training run
+    if master and cache != 'build':
         save_config(cfg, out_dir)
         print(f'world {world} = dp {dp} x sp {sp}; global batch {global_batch} = batch_size {batch_size} x dp {dp} x '
               f'grad_accum {grad_accum}', flush=True)
     torch.manual_seed(seed)
-
-    with torch.device('meta'):  # the DiT's shape for the checks below; a resumed run fills it (a config.json's
-                                # absent fields take the defaults)
+    with torch.device('meta'):  # the DiT's shape for the checks below (a resumed run fills it)
         spec = WanModel(**arch)
-    # no cast cache: it would keep a bf16 copy of every block's gathered weights until the forward ends, undoing
-    # FSDP2's resharding (about 9 GiB per GPU for TI2V-5B by bench.py's planner); each weight is cast once anyway
+    # no cast cache: it would keep a bf16 copy of every block's gathered weights until the forward ends
     autocast = mixed_precision(dev, amp, cache=False)
-    cached = None  # the cache's meta.pt when training from it
-    if cache == 'use':  # the frozen outputs are read from the cache: none of the frozen models is loaded
-        cached = open_cache(folder, provenance(manifest, spec))
+
+    fz, cached = None, None  # the frozen models, or the cache's meta.pt
+    if cache == 'use':  # none of the frozen models is loaded
+        cached = open_cache(folder, provenance(manifest, cfg, spec.text_len, spec.patch_size), route, loader.records)
         codec = SimpleNamespace(**cached['codec'])
-        missing = next((r for r in loader.records if not os.path.exists(entry_path(folder, r))), None)
-        if missing is not None:
-            raise SystemExit(f"{folder} has no entry for {missing['manifest']} line {missing['line']} "
-                             f"({missing['video']}): its build did not finish; build it again with --cache=build")
         if master:
             if not ckpt_dir:  # sample.py reads the tokenizer from the run
                 os.makedirs(out_dir, exist_ok=True)
@@ -365,170 +476,25 @@ def main():
                          f'{spec.patch_embedding.in_channels} (image-conditioned DiTs are not trained here)')
     check_sizes(codec, spec.patch_size)
     fps = cached['fps'] if cached else decord.VideoReader(loader.records[0]['video']).get_avg_fps() / frame_stride
-
-    def text(captions):
-        """umT5 features [B, text_len, dim] (zeros past each caption) and each caption's token count."""
-        ids, mask = fz.tok(captions, spec.text_len)
-        return encode(fz.t5, ids.to(dev), mask.to(dev), spec.text_len), mask.sum(1).tolist()
-
-    def targets(video, captions, latent_shape):
-        """For TRD, on the (pooled) DiT grid without latent frame 0 (the causal VAE codes pixel frame 0 alone): the
-        frozen V-JEPA targets y [B, N, D] and, for or/and/xor, the saliency w [B, N] of the full caption."""
-        if route == 'none':
-            return None, None
-        T = (latent_shape[2] - 1, latent_shape[3] // spec.patch_size[1], latent_shape[4] // spec.patch_size[2])
-        with torch.no_grad(), autocast:
-            tokens = vjepa_tokens(fz.vjepa, video, T)
-            y, w = to_dit_grid(tokens, trd_pool), None
-            if fz.aligner is not None:  # the aligner's saliency on the same V-JEPA tokens
-                ids, mask = fz.a_tok(captions, fz.a_len)
-                n = int(mask.sum(1).max())
-                t = encode(fz.a_t5, ids[:, :n].to(dev), mask[:, :n].to(dev), n)
-                logits, _ = fz.aligner(tokens.flatten(1, 3), (2 * T[0], *T[1:]), t, mask[:, :n].to(dev))
-                w = to_dit_grid(torch.sigmoid(logits.float()).view(*tokens.shape[:4], 1), trd_pool)[..., 0]
-        return y, w
-
     if cache == 'build':  # before the DiT exists: a build needs only the frozen models
-        recs, path, t0 = loader.records, os.path.join(folder, 'meta.pt'), time.time()
-        if master:  # meta.pt is written last: a folder without it is no finished cache
-            os.makedirs(folder, exist_ok=True)
-            if os.path.exists(path):
-                os.remove(path)
-        dist.barrier()
-        # clip k on rank k % world; every rank runs the same number of clips (the last round repeats clips without
-        # writing them) because the FSDP-sharded encoders gather their weights together
-        for k in range(rank, -(-len(recs) // world) * world, world):
-            clip = loader.ds[(0, k % len(recs), 0)]  # the centre window (epoch and slot do not matter)
-            with torch.no_grad():
-                video = clip['video'][None].to(dev)
-                x0 = codec.encode(video)
-                context, n = text([clip['caption']])
-                y, w = targets(video, [clip['caption']], x0.shape)
-            if k < len(recs):
-                entry = {'x0': x0[0], 'context': context[0, :n[0]], 'y': None if y is None else y[0],
-                         'w': None if w is None else w[0]}
-                # clone: a slice saved as it is would drag its whole storage (the padding to text_len) along
-                atomic_save({key: v.cpu().clone() for key, v in entry.items() if v is not None},
-                            entry_path(folder, recs[k]))
-        empty, n = text([''])  # what a dropped caption reads
-        dist.barrier()
-        if master:
-            atomic_save({'made': provenance(manifest, spec), 'route': route, 'clips': len(recs), 'fps': fps,
-                         'empty': empty[0, :n[0]].cpu().clone(), 'codec': {'stride': codec.stride, 'z_dim': codec.z_dim},
-                         'vjepa_dim': None if fz.vjepa is None else fz.vjepa.patch_embed.proj.out_channels,
-                         **({} if ckpt_dir else {'t5': fz.t5.state_dict()})}, path)
-            print(f'cached the frozen outputs of {len(recs)} clips in {folder} ({time.time() - t0:.1f} s on {world} '
-                  f'rank{"s" if world > 1 else ""}): train from them with the same settings and --cache=use', flush=True)
+        build_cache(loader, fz, folder, manifest, spec, fps, dev, autocast)
         parallel.close()
         return
 
-    # the DiT: FSDP-sharded before it holds any weights, filled shard by shard (no rank holds a full fp32 copy)
-    shard_dit = lambda m: parallel.shard(m, mesh, m.blocks)
-    if run is None and init_from != 'scratch':
-        dit = load_dit(init_from, dev, torch.float32, prepare=shard_dit)  # fp32 master weights, bf16 autocast
-    elif run is None:  # scratch: the seed's initialisation, the same at every layout
-        dit = WanModel(**arch)
-        dit.init_weights()
-        dit = shard_dit(dit.to(dev))
-    else:  # a run's checkpoint: DCP fills the shards below
-        dit = shard_dit(spec)
-        dit.to_empty(device=dev)
-    dit.train().checkpointing = checkpointing == 'on' or (checkpointing == 'auto' and dev.type == 'cuda')
-    trainable = torch.nn.ModuleDict({'dit': dit})  # one state dict and one optimizer for the DiT and the projector
-    if route != 'none':  # a trainable projector, saved with the run and left out of the export
-        if not 1 <= align_layer <= len(dit.blocks):
-            raise SystemExit(f'align_layer={align_layer} is not a block of this DiT (1..{len(dit.blocks)})')
-        dim = dit.blocks[0].ffn[0].in_features
-        out = cached['vjepa_dim'] if cached else fz.vjepa.patch_embed.proj.out_channels
-        projector = torch.nn.Sequential(torch.nn.Linear(dim, proj_dim), torch.nn.SiLU(), torch.nn.Linear(proj_dim, proj_dim),
-                                        torch.nn.SiLU(), torch.nn.Linear(proj_dim, out))
-        trainable['projector'] = parallel.shard(projector.to(dev), mesh)
-
-    params = list(trainable.parameters())
+    vjepa_dim = (cached['vjepa_dim'] if cached else fz.vjepa.patch_embed.proj.out_channels) if route != 'none' else 0
+    trainable = build_trainable(arch, spec, run, mesh, dev, vjepa_dim)
+    dit, params = trainable['dit'], list(trainable.parameters())
     opt = adamw(params, learning_rate, weight_decay, fused=True)  # one kernel, on the CPU too
-    it = 0
-    if run is not None:  # DCP reads each rank's slices, whatever the world size that wrote them
-        model_sd, optim_sd = get_state_dict(trainable, opt)
-        if meta is None:  # another run: its DiT, a fresh projector and optimizer
-            state = {'model': {k: v for k, v in model_sd.items() if k.startswith('dit.')}}
-            read_sharded(state, run)
-            set_model_state_dict(trainable, state['model'], options=StateDictOptions(strict=False))
-        else:
-            state = {'model': model_sd, 'optim': optim_sd}
-            read_sharded(state, run)
-            set_state_dict(trainable, opt, model_state_dict=state['model'], optim_state_dict=state['optim'])
-    # the EMA: fp32 copies of this rank's DiT shards (no communication), under the checkpoint's 'model' key names
-    ema = {f'dit.{k}': p.detach().clone() for k, p in dit.named_parameters()} if ema_decay else {}
-    if meta is not None and ema:
-        if not meta['config'].get('ema_decay'):
-            raise SystemExit(f"{run} has no EMA weights (trained with ema_decay=0): resume it with --ema_decay=0")
-        read_sharded({'ema': ema}, run)
+    if run is not None:
+        restore(trainable, opt, run, meta)
+    ema = make_ema(dit, run, meta)
     if meta is not None:
         loader.load_state_dict(meta['loader'])
-        it = meta['iter']
+    it = meta['iter'] if meta is not None else 0
     u_lo, u_hi = (unshifted(r, shift) for r in t_range)
-    n_params = sum(p.numel() for p in dit.parameters())
-    peak = next((v for k, v in PEAK_TFLOPS.items() if dev.type == 'cuda' and k in torch.cuda.get_device_name(dev)), 0)
-
-    # a debug run keeps its random umT5 for sample.py: the one that made the cache when training from it
-    t5_state = None if ckpt_dir else cached['t5'] if cached else fz.t5.state_dict()
-
-    def save():
-        """out_dir/ckpt-<iter>, then out_dir/ckpt re-pointed at it, then all but the newest keep_last removed."""
-        model_sd, optim_sd = get_state_dict(trainable, opt)
-        name = f'ckpt-{it:06d}'
-        save_sharded(os.path.join(out_dir, name), {'model': model_sd, 'optim': optim_sd, **({'ema': ema} if ema else {})},
-                     {'iter': it, 'loader': loader.state_dict(), 'global_batch': global_batch, 'config': cfg,
-                      'arch': arch, 'fps': fps, 'world': world, **({} if ckpt_dir else {'t5': t5_state})})
-        if master:
-            if os.path.isdir(ckpt_path) and not os.path.islink(ckpt_path):  # a copy of the run made without links
-                step = os.path.join(out_dir, f"ckpt-{run_meta(ckpt_path)['iter']:06d}")
-                shutil.rmtree(ckpt_path) if os.path.exists(step) else os.rename(ckpt_path, step)
-            os.symlink(name, ckpt_path + '.link')
-            os.replace(ckpt_path + '.link', ckpt_path)  # atomic: ckpt is always a whole checkpoint
-            for old in run_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
-                if old != name:
-                    shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
-        dist.barrier()
-
-    def step(batch):
-        """One micro-batch: returns (this rank's loss share, L_flow, this rank's share of L_TRD, tokens, saliency)."""
-        B = len(batch['slot'])
-        gens = [clip_generator(dev, s) for s in batch['slot']]
-        with torch.no_grad():
-            keep = [torch.rand(1, generator=g, device=dev).item() >= caption_dropout for g in gens]
-            if cached:  # the clips' frozen outputs as computed once; a dropped caption reads the empty one's features
-                x0 = torch.stack(batch['x0']).to(dev)
-                context = pad_text([c if k else cached['empty'] for c, k in zip(batch['context'], keep)],
-                                   dit.text_len).to(dev)
-                y = torch.stack(batch['y']).to(dev) if route != 'none' else None
-                w = torch.stack(batch['w']).to(dev) if route in SALIENT else None
-            else:
-                video = batch['video'].to(dev)  # once, for the codec and the V-JEPA targets
-                x0 = codec.encode(video)
-                context = text([c if k else '' for c, k in zip(batch['caption'], keep)])[0]
-                y, w = targets(video, batch['caption'], x0.shape)
-            u = u_lo + (u_hi - u_lo) * torch.cat([torch.rand(1, generator=g, device=dev) for g in gens])
-            sigma = shifted(u, shift).view(-1, 1, 1, 1, 1)
-            noise = torch.stack([torch.randn(x0.shape[1:], generator=g, device=dev) for g in gens])
-            xt = (1 - sigma) * x0 + sigma * noise
-        grid = (x0.shape[2], x0.shape[3] // dit.patch_size[1], x0.shape[4] // dit.patch_size[2])
-        n_tok = math.prod(grid)
-        with autocast:
-            out = dit(xt, 1000 * sigma.flatten(), context, features_at=align_layer if route != 'none' else 0,
-                      group=group)
-            pred, feats = out if route != 'none' else (out, None)
-            l_flow = F.mse_loss(pred, noise - x0)  # the same on every sp rank: each takes 1/sp of it
-            l_trd = None
-            if feats is not None:  # project this rank's tokens, gather them: each rank its rows against all columns
-                z = trainable['projector'](feats.flatten(0, 1)).unflatten(0, feats.shape[:2])  # 2-D: no view for FSDP
-                z = parallel.seq_gather(z, group, n_tok).unflatten(1, grid)[:, 1:]
-                z = pool_tokens(z, trd_pool)  # latent frame 0 dropped, as for the targets y
-                pooled = (grid[0] - 1, grid[1] // trd_pool, grid[2] // trd_pool)
-                part = (0, 1) if group is None else (group.rank(), sp)
-                l_trd = trd_loss(z, y, w, route=route, margin=trd_margin, block=trd_block, grid=pooled, part=part)
-        share = l_flow / sp + (0 if l_trd is None else trd_weight * l_trd)
-        return share, l_flow.detach(), (torch.zeros(()) if l_trd is None else l_trd.detach()), B * n_tok, w
+    # what every checkpoint records besides the weights; a debug run keeps the random umT5 that made its features
+    run_info = {'global_batch': global_batch, 'config': cfg, 'arch': arch, 'fps': fps, 'world': world,
+                **({} if ckpt_dir else {'t5': cached['t5'] if cached else fz.t5.state_dict()})}
 
     batches = iter(loader)
     sums, t0, n_logged, tokens_done = torch.zeros(2), time.time(), 0, 0
@@ -537,11 +503,17 @@ def main():
         for g in opt.param_groups:
             g['lr'] = lr
         for _ in range(grad_accum):  # FSDP reduce-scatters every micro-step: sharded gradients accumulate
-            share, l_flow, l_trd, n_tok, w = step(next(batches))
-            # FSDP averages gradients over all dp*sp ranks; the shares of an sp group must add up: scale by sp
-            (share * sp / grad_accum).backward()
-            sums += torch.stack([l_flow.cpu() / sp, l_trd.cpu()]) / grad_accum
-            tokens_done += n_tok
+            batch = next(batches)
+            gens = [clip_generator(dev, s) for s in batch['slot']]
+            with torch.no_grad():
+                keep = [torch.rand(1, generator=g, device=dev).item() >= caption_dropout for g in gens]
+                x0, context, y, w = frozen_outputs(batch, keep, fz, cached, dit.text_len, dit.patch_size, dev, autocast)
+                sigma, noise, xt = noised(x0, gens, u_lo, u_hi, dev)
+            l_flow, l_trd = losses(trainable, x0, sigma, noise, xt, context, y, w, group, autocast)
+            rank_loss(l_flow, l_trd).backward()
+            l_trd = torch.zeros(()) if l_trd is None else l_trd.detach()
+            sums += torch.stack([l_flow.detach().cpu() / sp, l_trd.cpu()]) / grad_accum
+            tokens_done += x0[:, 0].numel() // math.prod(dit.patch_size)
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
@@ -554,38 +526,20 @@ def main():
         if it % log_interval == 0 or it == max_iters:
             sums = sums.to(dev)
             dist.all_reduce(sums)  # sums over sp of the shares, then over dp
-            l_flow, l_trd = (sums / (dp * n_logged)).tolist()
-            dt = (time.time() - t0) / n_logged
-            tok_s = tokens_done * world / sp / (time.time() - t0)  # every dp group processes its own tokens
-            trd = '' if route == 'none' else f', trd {l_trd:.4f}'
-            if w is not None:  # the last batch's saliency and how the route spends its pair budget (the paper's figure)
-                b = pair_budget(w)
-                trd += (f", saliency {w.mean():.3f}, pairs fg-fg/fg-bg/bg-bg {b['fg_fg']:.0%}/{b['fg_bg']:.0%}/"
-                        f"{b['bg_bg']:.0%}, {route} weight {b[route + '/fg_fg']:.0%}/{b[route + '/fg_bg']:.0%}/"
-                        f"{b[route + '/bg_bg']:.0%}")
-            if dev.type == 'cuda':
-                mem = f', peak mem {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB'
-                L = tokens_done / (n_logged * grad_accum * batch_size)  # tokens per clip
-                flops = 6 * n_params + 12 * len(dit.blocks) * dit.blocks[0].ffn[0].in_features * (L + dit.text_len)
-                mem += f', MFU {flops * tok_s / world / (peak * 1e12):.1%}' if peak else ''
-            else:
-                mem = f', peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB'
+            dt = time.time() - t0
+            tok_s = tokens_done * world / sp / dt  # every dp group processes its own tokens
+            L = tokens_done / (n_logged * grad_accum * batch_size)  # tokens per clip
+            line = log_line(it, sums / (dp * n_logged), n_logged, dt / n_logged, tok_s, lr, w, arch, L, dev)
             if master:
-                print(f'iter {it}: loss {l_flow:.4f}{trd}, {1000 * dt:.1f} ms/iter, {tok_s:,.0f} tokens/s, '
-                      f'lr {lr:.2e}{mem}', flush=True)
+                print(line, flush=True)
             sums, t0, n_logged, tokens_done = torch.zeros(2), time.time(), 0, 0
         if it % ckpt_interval == 0 or it == max_iters:
-            save()
-    if export_dir:  # consolidated on rank 0's host memory, one tensor at a time over the network; the EMA when on
-        if ema:
-            for p, e in zip(dit.parameters(), ema.values()):
-                p.data.copy_(e)
-        sd = get_model_state_dict(dit, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if master:
-            export_dit(dit, export_dir, sd=sd)
+            save(trainable, opt, ema, it, {'loader': loader.state_dict(), **run_info})
+    if export_dir:
+        export(dit, ema)
     if master:
-        print(f'done: {ckpt_path}' + (f', exported to {export_dir}' + (' (EMA weights)' if ema else '')
-                                      if export_dir else ''), flush=True)
+        exported = f', exported to {export_dir}' + (' (EMA weights)' if ema else '') if export_dir else ''
+        print(f'done: {os.path.join(out_dir, "ckpt")}{exported}', flush=True)
     parallel.close()
 
 

@@ -374,14 +374,32 @@ def save_sharded(folder, state, meta):
     if first:
         shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
     dist.barrier()
-    # returns on every rank once rank 0 has written the metadata. One rank skips DCP's collectives: after a save that
-    # ran them, the optimizer state's plan left each fused AdamW step of the debug DiT 2.4x slower on the CPU (an
-    # OpenMP effect, gone with OMP_WAIT_POLICY=PASSIVE) and the toy run's iterations 25% slower
+    # one rank skips DCP's collectives, whose plan slowed every later fused AdamW step on the CPU
     dcp.save(state, checkpoint_id=tmp, no_dist=dist.get_world_size() == 1)
     if first:
         torch.save(meta, os.path.join(tmp, 'meta.pt'))
         _replace_folder(tmp, folder)
     dist.barrier()
+
+
+def run_checkpoints(folder):
+    """The complete step checkpoints ckpt-<iter> of a run folder, oldest first (an interrupted save is a .tmp)."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(n for n in names if n.startswith('ckpt-') and n[5:].isdigit())
+
+
+def link_latest(out_dir, name, keep_last):
+    """out_dir/ckpt re-pointed at the checkpoint out_dir/<name> (atomically: ckpt is always a whole checkpoint),
+    then all but the newest keep_last checkpoints removed (0 = keep all)."""
+    link = os.path.join(out_dir, 'ckpt')
+    if os.path.isdir(link) and not os.path.islink(link):  # a copy of the run made without links
+        step = os.path.join(out_dir, f"ckpt-{run_meta(link)['iter']:06d}")
+        shutil.rmtree(link) if os.path.exists(step) else os.rename(link, step)
+    os.symlink(name, link + '.link')
+    os.replace(link + '.link', link)
+    for old in run_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
+        if old != name:
+            shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
 
 
 UNREADABLE = ('it was not written completely or is damaged: resume from another checkpoint of the run '
