@@ -142,6 +142,18 @@ def clip_generator(dev, slot):
     return torch.Generator(dev).manual_seed((seed * 1_000_003 + slot[0]) * 1_000_003 + slot[1])
 
 
+def make_loader(manifest, folder, dp_rank, dp):
+    """This dp rank's clips; every rank builds the same list, so a layout the data cannot fill is refused on all."""
+    try:
+        return ClipLoader(manifest, batch_size, frames, height, width, stride=frame_stride, rank=dp_rank,
+                          world_size=dp, seed=seed, skip_bad=skip_bad, num_workers=num_workers, accum=grad_accum,
+                          window='centre' if cache != 'off' else window,  # a cache holds the centre windows
+                          fetch=functools.partial(read_entry, folder) if cache == 'use' else None, masks=False,
+                          ram=int(clip_ram * 2**30))
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+
+
 def resolve_init():
     """(arch, run, meta): the DiT's config, the checkpoint whose weights it starts from (None: scratch or a DiT
     folder) and, when resuming, that checkpoint's meta (its iteration, loader and EMA)."""
@@ -216,6 +228,23 @@ def load_frozen(manifest, records, spec, mesh, dev, meta, tok_dir):
         if f.aligner is not None:
             f.a_t5 = parallel.shard(f.a_t5, mesh, f.a_t5.blocks)
     return f
+
+
+def frozen_source(manifest, folder, loader, spec, mesh, dev, meta):
+    """(frozen models, cache meta, codec): the frozen models (None with cache=use: none is loaded) or the cache's
+    meta.pt (None without cache=use), and the codec's stride and width."""
+    if cache != 'use':  # the frozen models draw nothing from the seed's stream: the DiT starts the same either way
+        with torch.random.fork_rng(devices=[]):
+            fz = load_frozen(manifest, loader.records, spec, mesh, dev, meta, folder if cache == 'build' else out_dir)
+        return fz, None, fz.codec
+    cached = open_cache(folder, provenance(manifest, cfg, spec.text_len, spec.patch_size), route, loader.records)
+    if dist.get_rank() == 0:
+        if not ckpt_dir:  # sample.py reads the tokenizer from the run
+            os.makedirs(out_dir, exist_ok=True)
+            shutil.copyfile(os.path.join(folder, 'tokenizer.json'), os.path.join(out_dir, 'tokenizer.json'))
+        print(f'frozen outputs from the cache {folder} ({cached["clips"]} clips): the VAE, umT5, V-JEPA and '
+              f'aligner are not loaded', flush=True)
+    return None, cached, SimpleNamespace(**cached['codec'])
 
 
 def text_features(fz, captions, text_len, dev):
@@ -439,14 +468,7 @@ def main():
                          f"batch_size or grad_accum so that the product stays {meta['global_batch']}")
     manifest = ensure_shapes('data/shapes') if data == 'shapes' else data
     folder = cache_dir or default_folder(manifest)
-    try:  # every rank builds the same clip list; a layout the data cannot fill is refused on all of them
-        loader = ClipLoader(manifest, batch_size, frames, height, width, stride=frame_stride, rank=dp_rank,
-                            world_size=dp, seed=seed, skip_bad=skip_bad, num_workers=num_workers, accum=grad_accum,
-                            window='centre' if cache != 'off' else window,  # a cache holds the centre windows
-                            fetch=functools.partial(read_entry, folder) if cache == 'use' else None, masks=False,
-                            ram=int(clip_ram * 2**30))
-    except ValueError as err:
-        raise SystemExit(str(err)) from None
+    loader = make_loader(manifest, folder, dp_rank, dp)
     if master and cache != 'build':
         save_config(cfg, out_dir)
         print(f'world {world} = dp {dp} x sp {sp}; global batch {global_batch} = batch_size {batch_size} x dp {dp} x '
@@ -457,20 +479,7 @@ def main():
     # no cast cache: it would keep a bf16 copy of every block's gathered weights until the forward ends
     autocast = mixed_precision(dev, amp, cache=False)
 
-    fz, cached = None, None  # the frozen models, or the cache's meta.pt
-    if cache == 'use':  # none of the frozen models is loaded
-        cached = open_cache(folder, provenance(manifest, cfg, spec.text_len, spec.patch_size), route, loader.records)
-        codec = SimpleNamespace(**cached['codec'])
-        if master:
-            if not ckpt_dir:  # sample.py reads the tokenizer from the run
-                os.makedirs(out_dir, exist_ok=True)
-                shutil.copyfile(os.path.join(folder, 'tokenizer.json'), os.path.join(out_dir, 'tokenizer.json'))
-            print(f'frozen outputs from the cache {folder} ({cached["clips"]} clips): the VAE, umT5, V-JEPA and '
-                  f'aligner are not loaded', flush=True)
-    else:  # the frozen models draw nothing from the seed's stream: the DiT and projector start the same either way
-        with torch.random.fork_rng(devices=[]):
-            fz = load_frozen(manifest, loader.records, spec, mesh, dev, meta, folder if cache == 'build' else out_dir)
-        codec = fz.codec
+    fz, cached, codec = frozen_source(manifest, folder, loader, spec, mesh, dev, meta)
     if codec.z_dim != spec.patch_embedding.in_channels:
         raise SystemExit(f'the codec gives {codec.z_dim} latent channels but the DiT takes '
                          f'{spec.patch_embedding.in_channels} (image-conditioned DiTs are not trained here)')

@@ -60,7 +60,7 @@ class T5Attention(nn.Module):
 
 class GELU(nn.Module):
     """Tanh GELU in elementary ops, as the official Wan T5: in bf16 every intermediate is rounded,
-    so nn.GELU(approximate='tanh') (one fused op) differs in about 40% of the outputs."""
+    so nn.GELU(approximate='tanh') (one fused op) differs in many of the outputs."""
     def forward(self, x):
         return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 

@@ -42,7 +42,7 @@ class _PairSum(torch.autograd.Function):
 
     The output is a scalar, so its gradient is fixed up to the factor grad_output: it is accumulated in the same
     pass ([N, D] for z, [N] for w) and backward only scales it. Nothing is recomputed and no block outlives its
-    iteration (checkpointing would redo both Gram products in backward: ~2x slower on CPU). Because W and l are
+    iteration (checkpointing would redo both Gram products in backward). Because W and l are
     symmetric, d/dz_i = 2 sum_j M_ij z_j with M = W * dl/dcos_z, so rows alone cover every gradient term."""
 
     @staticmethod
