@@ -3169,3 +3169,68 @@ def test_memory_plan_within_25_percent_of_a_real_cpu_run():
 
 if __name__ == '__main__':  # workers of the multi-process tests: python -m torch.distributed.run ... test_sara.py NAME
     {'sp_parity': sp_parity_worker}[sys.argv[1]]()
+
+
+# ---------------------------------------------------------------------------------------------- models/chat.py
+
+@pytest.fixture
+def chat_server():
+    """A loopback chat-completions server: each POST pops the next scripted reply (status, content or 'sleep')
+    and the request bodies are kept."""
+    import http.server
+    import threading
+    replies, bodies = [], []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            bodies.append(json.loads(self.rfile.read(int(self.headers['Content-Length']))))
+            status, content = replies.pop(0)
+            if status == 'sleep':
+                time.sleep(content)
+                status, content = 200, '{}'
+            data = json.dumps({'choices': [{'message': {'role': 'assistant', 'content': content}}]}).encode()
+            self.send_response(status)
+            self.send_header('Content-Type', 'application/json')
+            self.send_header('Content-Length', str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f'http://127.0.0.1:{server.server_port}/v1', replies, bodies
+    server.shutdown()
+
+
+def test_chat_sends_the_schema_and_images_and_parses_the_answer(chat_server):
+    from models.chat import ask, image_part
+    url, replies, bodies = chat_server
+    schema = {'type': 'object', 'properties': {'score': {'type': 'integer'}, 'why': {'type': 'string'}},
+              'required': ['score', 'why']}
+    replies.append((200, '{"score": 4, "why": "red"}'))
+    frame = np.zeros((8, 8, 3), np.uint8)
+    messages = [{'role': 'user', 'content': [image_part(frame), {'type': 'text', 'text': 'rate it'}]}]
+    assert ask(url, 'judge', messages, schema) == {'score': 4, 'why': 'red'}
+    body = bodies[0]
+    assert body['model'] == 'judge' and body['response_format']['json_schema']['schema'] == schema
+    assert body['messages'][0]['content'][0]['image_url']['url'].startswith('data:image/png;base64,')
+
+
+def test_chat_retries_then_names_the_failure(chat_server):
+    from models.chat import ChatError, ask
+    url, replies, bodies = chat_server
+    schema = {'type': 'object', 'properties': {'score': {'type': 'integer'}}, 'required': ['score']}
+    replies.extend([(500, 'x'), (200, 'not json'), (200, '{"score": 2}')])  # two failures, then an answer
+    assert ask(url, 'm', [], schema, retries=3, wait=0) == {'score': 2} and len(bodies) == 3
+    replies.extend([(200, '{"other": 1}')] * 2)
+    with pytest.raises(ChatError, match=r"model m\): an answer outside the schema .*'score'.*after 2 tries"):
+        ask(url, 'm', [], schema, retries=2, wait=0)
+    replies.append((503, 'x'))
+    with pytest.raises(ChatError, match='HTTP 503'):
+        ask(url, 'm', [], schema, retries=1)
+    replies.append(('sleep', 1.0))
+    with pytest.raises(ChatError, match='no answer within 0.2 s|unreachable'):
+        ask(url, 'm', [], schema, retries=1, timeout=0.2)
+    with pytest.raises(ChatError, match=r'127.0.0.1:9/v1 \(model m\): unreachable'):
+        ask('http://127.0.0.1:9/v1', 'm', [], schema, retries=1)
