@@ -95,6 +95,10 @@ def _open_video(rec):
         raise ValueError(f"{_where(rec)}: video {rec['video']} could not be decoded "
                          f"({str(err).splitlines()[0][:200]}) (re-encode or remove it, or pass --skip_bad=True)") from None
 
+def video_fps(rec):
+    """The frame rate of a record's video, or the sentence naming its manifest line when it cannot be read."""
+    return _open_video(rec).get_avg_fps()
+
 def _load_mask(rec, path, n, header_only=False):
     """Mask array [T, H, W] from an npz (or just its shape: reading the .npy header inside
     the zip lets probing skip decompression); checks T against the video's n frames."""
@@ -147,7 +151,11 @@ def decode_clip(rec, height, width, idx=None, vr=None, chunk=32):
         parts.append(resize_crop(x.permute(0, 3, 1, 2), height, width))  # resize in uint8: 4x less memory than float
     return torch.cat(parts)
 
-def load_clip(rec, frames, height, width, stride=1, start=0, masks=True, decoded=None):
+def normalise(video):
+    """uint8 frames -> float in [-1, 1], on whatever device they are (the trainers normalise on the GPU)."""
+    return (video.float() / 127.5 - 1).clamp(-1, 1)
+
+def load_clip(rec, frames, height, width, stride=1, start=0, masks=True, decoded=None, uint8=False):
     """Decode frames start, start+stride, ... (`frames` of them) of one manifest record.
     `start` may also be a callable max_start -> start (the loader draws offsets that way,
     once the clip length is known). Returns video [3,T,H,W] in [-1,1], masks [K,T,H,W] in [0,1] (one per entity,
@@ -155,7 +163,8 @@ def load_clip(rec, frames, height, width, stride=1, start=0, masks=True, decoded
     (manifest and line, for messages) and `text_embedding` ([E] float32, or None when the record has none).
     masks=False skips the masks (None): a trainer that does not read them saves their decompression, which costs
     more than decoding the video. decoded: the record's decode_clip(rec,
-    height, width), whose frames are then taken instead of decoding."""
+    height, width), whose frames are then taken instead of decoding. uint8: the video as uint8 [3,T,H,W] for
+    normalise() on the device (a quarter of the bytes to copy)."""
     vr = _open_video(rec) if decoded is None else None
     n = len(vr) if decoded is None else len(decoded)
     if callable(start):
@@ -166,7 +175,7 @@ def load_clip(rec, frames, height, width, stride=1, start=0, masks=True, decoded
                          f"for frames={frames} stride={stride} start={start} (lower --frames/--stride, or pass --skip_bad=True)")
     idx = list(range(start, need, stride))
     x = decode_clip(rec, height, width, idx, vr) if decoded is None else decoded[idx]
-    video = (x.float() / 127.5 - 1).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
+    video = (x if uint8 else normalise(x)).permute(1, 0, 2, 3).contiguous()
     planes = None
     if masks:
         planes = []
@@ -365,9 +374,10 @@ class _Clips(torch.utils.data.Dataset):
     of the frozen models' outputs can hold. fetch(record) -> dict replaces decoding (train_dit.py's cache).
     Decoded clips are kept whole (resized, uint8) while they fit in `ram` bytes; later windows are cut from them. The
     first clip that does not fit ends the keeping: the rest are decoded window by window, as without it."""
-    def __init__(self, recs, frames, height, width, stride, seed, window='random', fetch=None, masks=True, ram=0):
+    def __init__(self, recs, frames, height, width, stride, seed, window='random', fetch=None, masks=True, ram=0,
+                 uint8=False):
         self.records, self.args, self.seed = recs, (frames, height, width, stride), seed
-        self.window, self.fetch, self.masks = window, fetch, masks
+        self.window, self.fetch, self.masks, self.uint8 = window, fetch, masks, uint8
         self.kept, self.room = {}, ram
 
     def __getitem__(self, key):
@@ -383,7 +393,8 @@ class _Clips(torch.utils.data.Dataset):
                 self.kept[i], self.room = decode_clip(self.records[i], height, width, vr=vr), self.room - size
             else:
                 self.room = 0
-        clip = load_clip(self.records[i], *self.args, start=start, masks=self.masks, decoded=self.kept.get(i))
+        clip = load_clip(self.records[i], *self.args, start=start, masks=self.masks, decoded=self.kept.get(i),
+                         uint8=self.uint8)
         return dict(clip, slot=(epoch, slot))
 
 def _collate(items):
@@ -393,16 +404,21 @@ def _collate(items):
         batch['video'] = torch.stack(batch['video'])
     return batch
 
+def _pinned(batch):
+    """The batch's tensors in page-locked memory, so that their copies to the GPU can run asynchronously."""
+    pin = lambda v: v.pin_memory() if isinstance(v, torch.Tensor) else v
+    return {k: [pin(x) for x in v] if isinstance(v, list) else pin(v) for k, v in batch.items()}
+
 class ClipLoader:
     """Endless batches for one data-parallel rank. Each epoch is a seeded permutation split into equal disjoint rank
     shares; an iteration takes `accum` batches. Every clip comes with its slot (epoch, position in the epoch's
     permutation): the same clip gets the same slot whatever the layout, so randomness drawn per slot (noise,
     timesteps) makes dp x batch_size x accum layouts of one global batch compute the same thing. The state is the
     iteration count in the epoch, which resumes exactly, also at another layout with the same global batch.
-    Iterate with one iterator at a time."""
+    Iterate with one iterator at a time. uint8: videos as uint8 (see load_clip); pin: batches in pinned memory."""
     def __init__(self, manifest, batch_size, frames, height, width, stride=1,
                  rank=0, world_size=1, seed=0, skip_bad=False, num_workers=0, accum=1, window='random', fetch=None,
-                 masks=True, ram=0):
+                 masks=True, ram=0, uint8=False, pin=False):
         assert 0 <= rank < world_size, f"rank {rank} must be in [0, {world_size})"
         # skip_bad probes every clip up front, so all ranks agree on the clip list and a batch never shrinks
         need = (frames - 1) * stride + 1
@@ -415,9 +431,9 @@ class ClipLoader:
         self.per_rank = n // world_size  # equal shares: every rank runs the same number of steps
         self.batches_per_epoch = self.per_rank // (batch_size * accum) * accum  # whole iterations; the rest dropped
         self.bs, self.rank, self.world, self.seed, self.workers = batch_size, rank, world_size, seed, num_workers
-        self.accum = accum
+        self.accum, self.pin = accum, pin
         assert window in ('random', 'centre'), f"window '{window}': random or centre"
-        self.ds = _Clips(self.records, frames, height, width, stride, seed, window, fetch, masks, ram)
+        self.ds = _Clips(self.records, frames, height, width, stride, seed, window, fetch, masks, ram, uint8)
         self.epoch, self.step = 0, 0
 
     def state_dict(self):  # position of the next batch, in whole iterations (saved between iterations)
@@ -444,8 +460,10 @@ class ClipLoader:
             batches = (_collate([self.ds[k] for k in keys]) for keys in self._keys())
         else:  # one DataLoader over an endless batch list: workers start once, not every epoch
             batches = torch.utils.data.DataLoader(self.ds, batch_sampler=self._keys(), num_workers=self.workers,
-                                                  collate_fn=_collate)
+                                                  collate_fn=_collate, pin_memory=self.pin)
         for batch in batches:
+            if self.pin and self.workers == 0:
+                batch = _pinned(batch)
             self.step += 1
             if self.step == self.batches_per_epoch:
                 self.epoch, self.step = self.epoch + 1, 0

@@ -32,8 +32,9 @@ from models.wan import WanModel, autocast, configs as wan_configs
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def run(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+def run(*args, cwd=ROOT, env=None):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env=None if env is None else {**os.environ, **env})
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -2519,7 +2520,7 @@ def test_torchrun_two_ranks_match_one_process(tiny, tmp_path):
     args = [f'--data={tiny}/train.jsonl', *ALIGNER_ARGS, '--max_iters=2', '--eval_interval=1000', '--amp=off']
     one = run('train_aligner.py', *args, f'--out_dir={tmp_path}/one')
     two = run('-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29517', 'train_aligner.py', *args,
-              '--batch_size=2', f'--out_dir={tmp_path}/two')
+              '--batch_size=2', f'--out_dir={tmp_path}/two', env={'CUDA_VISIBLE_DEVICES': ''})
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     a, b = aligner_losses(one.stdout), aligner_losses(two.stdout)
     assert sorted(a) == sorted(b) == [1, 2]
@@ -2741,7 +2742,9 @@ multiprocess = pytest.mark.skipif(not (torch.distributed.is_available() and torc
 
 
 def torchrun(n, *args):
-    return run('-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={n}', *args)
+    """n gloo processes on the CPU, also on a machine with fewer GPUs than n."""
+    return run('-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={n}', *args,
+               env={'CUDA_VISIBLE_DEVICES': ''})
 
 
 def sp_parity_worker():

@@ -25,21 +25,20 @@ import shutil
 import time
 from types import SimpleNamespace
 
-import decord
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
-from data import ClipLoader, ensure_shapes, toy_tokenizer
+from data import ClipLoader, ensure_shapes, normalise, toy_tokenizer, video_fps
 from models import parallel
 from models.aligner import load_aligner
 from models.cache import SALIENT, default_folder, entry_path, open_cache, pad_text, provenance, read_entry
-from models.checkpoint import (atomic_save, dit_kwargs, export_dit, link_latest, load_dit, load_text_and_vae,
+from models.checkpoint import (atomic_save, check_shared, dit_kwargs, export_dit, link_latest, load_dit, load_text_and_vae,
                                read_sharded, run_checkpoints, run_meta, save_sharded)
 from models.optim import adamw, dit_flops, lr_at, peak_flops
-from models.settings import choice, configure, run, save_config
+from models.settings import choice, configure, require, run, save_config
 from models.t5 import T5Encoder, Tokenizer, configs as t5_configs, encode
 from models.trd import pair_budget, trd_loss
 from models.unipc import shifted, unshifted
@@ -70,6 +69,7 @@ lr_decay_iters = 6400          # then a cosine decay to lr_floor x learning_rate
 lr_floor = 0.1                 # the decay's end as a fraction of learning_rate
 weight_decay = 0.0             # AdamW weight decay
 grad_clip = 1.0                # clip the gradient norm to this (0 = off)
+max_loss = 100.0               # stop, before the next checkpoint, when a loss is above this (0 = off) or not finite
 ema_decay = 0.99               # EMA of the DiT weights, sampled by default (0 = off); ramps up as (1 + it) / (10 + it)
 t_range = (0.0, 1.0)           # sigma range after the shift, e.g. (0.875, 1.0) for the high-noise A14B expert
 shift = 5.0                    # sigma = shift*u / (1 + (shift-1)*u), u uniform: > 1 trains more at high noise
@@ -92,7 +92,7 @@ init_from = 'scratch'          # scratch | resume (out_dir/ckpt) | a run folder 
 resume_ckpt = ''               # with init_from=resume: a checkpoint of out_dir to resume instead (e.g. ckpt-000200)
 export_dir = ''                # at the end, also write the DiT here as an official folder (safetensors + config.json)
 skip_bad = False               # skip unreadable clips (counted and reported) instead of stopping
-num_workers = 0                # data loader worker processes
+num_workers = -1               # data loader worker processes (-1 = 4 with CUDA, 0 on the CPU)
 clip_ram = 2.0                 # GiB of decoded clips kept in memory per loader process, re-cut each epoch (0 = off)
 cache = choice('off', 'build', 'use')  # frozen outputs: computed every step | once per clip into cache_dir | read from it
 cache_dir = ''                 # the cache folder ('' = cache-<manifest name> beside the manifest)
@@ -142,14 +142,16 @@ def clip_generator(dev, slot):
     return torch.Generator(dev).manual_seed((seed * 1_000_003 + slot[0]) * 1_000_003 + slot[1])
 
 
-def make_loader(manifest, folder, dp_rank, dp):
-    """This dp rank's clips; every rank builds the same list, so a layout the data cannot fill is refused on all."""
+def make_loader(manifest, folder, dp_rank, dp, dev):
+    """This dp rank's clips, as uint8 (normalised on the device) in pinned memory on CUDA; every rank builds the same
+    list, so a layout the data cannot fill is refused on all."""
+    workers = num_workers if num_workers >= 0 else 4 if dev.type == 'cuda' else 0
     try:
         return ClipLoader(manifest, batch_size, frames, height, width, stride=frame_stride, rank=dp_rank,
-                          world_size=dp, seed=seed, skip_bad=skip_bad, num_workers=num_workers, accum=grad_accum,
+                          world_size=dp, seed=seed, skip_bad=skip_bad, num_workers=workers, accum=grad_accum,
                           window='centre' if cache != 'off' else window,  # a cache holds the centre windows
                           fetch=functools.partial(read_entry, folder) if cache == 'use' else None, masks=False,
-                          ram=int(clip_ram * 2**30))
+                          ram=int(clip_ram * 2**30), uint8=True, pin=dev.type == 'cuda')
     except ValueError as err:
         raise SystemExit(str(err)) from None
 
@@ -186,8 +188,10 @@ def load_frozen(manifest, records, spec, mesh, dev, meta, tok_dir):
     master = dist.get_rank() == 0
     f = SimpleNamespace(vjepa=None, aligner=None, a_t5=None, a_tok=None, a_len=0)
     if ckpt_dir:  # the official frozen umT5 (sharded like the DiT), tokenizer and VAE
-        f.t5, f.tok, f.codec = load_text_and_vae(ckpt_dir, spec.out_dim, dev, dev,
-                                                 lambda m: parallel.shard(m, mesh, m.blocks))
+        f.t5, f.tok, f.codec = load_text_and_vae(ckpt_dir, spec.out_dim, dev, 'cpu',
+                                                 lambda m: parallel.shard_frozen(m, mesh, m.blocks))
+        f.codec.decoder = f.codec.conv2 = None  # training only encodes: the decoder never reaches the GPU
+        f.codec.to(dev)
     else:  # a frozen random debug umT5 made from the seed, saved with the run, and a word-level tokenizer
         f.t5 = T5Encoder(**t5_configs['debug']).eval().requires_grad_(False)
         f.t5.init_weights(seed)
@@ -224,9 +228,9 @@ def load_frozen(manifest, records, spec, mesh, dev, meta, tok_dir):
         else:
             f.vjepa = load_vjepa(vjepa_ckpt, vjepa_model, dev)
     if route != 'none':  # the frozen V-JEPA and the aligner's umT5 sharded like the DiT
-        f.vjepa = parallel.shard(f.vjepa.to(dev), mesh, f.vjepa.blocks)
+        f.vjepa = parallel.shard_frozen(f.vjepa.to(dev), mesh, f.vjepa.blocks)
         if f.aligner is not None:
-            f.a_t5 = parallel.shard(f.a_t5, mesh, f.a_t5.blocks)
+            f.a_t5 = parallel.shard_frozen(f.a_t5, mesh, f.a_t5.blocks)
     return f
 
 
@@ -247,6 +251,15 @@ def frozen_source(manifest, folder, loader, spec, mesh, dev, meta):
     return None, cached, SimpleNamespace(**cached['codec'])
 
 
+def online_cost(fz):
+    """The one line a real run without the cache prints: which frozen models run at every step, and their size."""
+    models = {'VAE': fz.codec, 'umT5': fz.t5, 'V-JEPA': fz.vjepa, 'aligner': fz.aligner, "aligner's umT5": fz.a_t5}
+    sizes = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items() if isinstance(m, torch.nn.Module)}
+    listed = ', '.join(f'{k} {n / 1e9:.2f} B' for k, n in sizes.items())
+    return (f'note: the frozen models ({listed} parameters) run online: every step encodes its clips again, on each '
+            f'sp rank of a clip too, and holds their weights; build the cache once (--cache=build, then --cache=use)')
+
+
 def text_features(fz, captions, text_len, dev):
     """umT5 features [B, text_len, dim] (zeros past each caption) and each caption's token count."""
     ids, mask = fz.tok(captions, text_len)
@@ -261,7 +274,7 @@ def trd_targets(fz, video, captions, latent_shape, patch, dev, autocast):
     T = (latent_shape[2] - 1, latent_shape[3] // patch[1], latent_shape[4] // patch[2])
     with torch.no_grad(), autocast:
         tokens = vjepa_tokens(fz.vjepa, video, T)
-        y, w = to_dit_grid(tokens, trd_pool), None
+        y, w = to_dit_grid(tokens, trd_pool).to(torch.bfloat16), None  # bf16: half the cache, the same online
         if fz.aligner is not None:  # the aligner's saliency on the same V-JEPA tokens
             ids, mask = fz.a_tok(captions, fz.a_len)
             n = int(mask.sum(1).max())
@@ -271,19 +284,24 @@ def trd_targets(fz, video, captions, latent_shape, patch, dev, autocast):
     return y, w
 
 
-def frozen_outputs(batch, keep, fz, cached, text_len, patch, dev, autocast):
-    """A batch's latents x0, text features (the empty caption's where keep is False), TRD targets y and saliency w:
-    read from the cache, or computed by the frozen models."""
-    if cached:  # a dropped caption reads the empty one's cached features
-        x0 = torch.stack(batch['x0']).to(dev)
-        context = pad_text([c if k else cached['empty'] for c, k in zip(batch['context'], keep)], text_len).to(dev)
-        y = torch.stack(batch['y']).to(dev) if route != 'none' else None
-        w = torch.stack(batch['w']).to(dev) if route in SALIENT else None
-        return x0, context, y, w
-    video = batch['video'].to(dev)  # once, for the codec and the V-JEPA targets
+def frozen_outputs(batch, fz, cached, text_len, patch, dev, autocast):
+    """A batch's latents x0, text features, TRD targets y and saliency w: read from the cache, or computed by the
+    frozen models."""
+    if cached:
+        to = lambda key: torch.stack(batch[key]).to(dev, non_blocking=True)
+        context = pad_text(batch['context'], text_len).to(dev, non_blocking=True)
+        return to('x0'), context, to('y') if route != 'none' else None, to('w') if route in SALIENT else None
+    video = normalise(batch['video'].to(dev, non_blocking=True))  # once, for the codec and the V-JEPA targets
     x0 = fz.codec.encode(video)
-    context = text_features(fz, [c if k else '' for c, k in zip(batch['caption'], keep)], text_len, dev)[0]
+    context = text_features(fz, batch['caption'], text_len, dev)[0]
     return (x0, context, *trd_targets(fz, video, batch['caption'], x0.shape, patch, dev, autocast))
+
+
+def dropped(context, empty, gens, dev):
+    """Classifier-free guidance's caption dropout: each clip's features replaced by the empty caption's with
+    probability caption_dropout, drawn on the device (no host sync)."""
+    drop = torch.cat([torch.rand(1, generator=g, device=dev) for g in gens]) < caption_dropout
+    return torch.where(drop.view(-1, 1, 1), empty.to(context.dtype), context)
 
 
 def build_cache(loader, fz, folder, manifest, spec, fps, dev, autocast):
@@ -300,7 +318,7 @@ def build_cache(loader, fz, folder, manifest, spec, fps, dev, autocast):
     for k in range(rank, -(-len(recs) // world) * world, world):
         clip = loader.ds[(0, k % len(recs), 0)]  # the centre window (epoch and slot do not matter)
         with torch.no_grad():
-            video = clip['video'][None].to(dev)
+            video = normalise(clip['video'][None].to(dev))
             x0 = fz.codec.encode(video)
             context, n = text_features(fz, [clip['caption']], spec.text_len, dev)
             y, w = trd_targets(fz, video, [clip['caption']], x0.shape, spec.patch_size, dev, autocast)
@@ -414,7 +432,21 @@ def losses(trainable, x0, sigma, noise, xt, context, y, w, group, autocast):
         z = pool_tokens(z, trd_pool)  # latent frame 0 dropped, as for the targets y
         pooled = (grid[0] - 1, grid[1] // trd_pool, grid[2] // trd_pool)
         part = (0, 1) if group is None else (group.rank(), sp)
-        return l_flow, trd_loss(z, y, w, route=route, margin=trd_margin, block=trd_block, grid=pooled, part=part)
+        return l_flow, trd_loss(z, y.float(), w, route=route, margin=trd_margin, block=trd_block, grid=pooled, part=part)
+
+
+def check_loss(worst, it):
+    """Stop the run, before it writes a checkpoint, when a loss since the last check was not finite or above
+    max_loss on any rank: the newest checkpoint stays the last good one."""
+    flags = torch.stack([worst.isnan().float(), worst.nan_to_num(posinf=math.inf)])  # a NaN does not survive MAX
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    value = math.nan if flags[0] else flags[1].item()
+    if not math.isfinite(value) or value > max_loss > 0:
+        good = os.path.join(out_dir, 'ckpt')
+        kept = f'{good} (iteration {run_meta(good)["iter"]})' if os.path.exists(good) else 'no checkpoint'
+        raise SystemExit(f'iteration {it}: the loss reached {value:.4g} (max_loss={max_loss:g}): stopped before '
+                         f'checkpointing; {kept} is the last good one (lower learning_rate)')
+    worst.zero_()
 
 
 def rank_loss(l_flow, l_trd):
@@ -457,6 +489,12 @@ def export(dit, ema):
 # ---------------------------------------------------------------------------------------------- main
 
 def main():
+    require(globals(), 'learning_rate > 0', 'batch_size >= 1', 'grad_accum >= 1', 'sp >= 1', 'max_iters >= 0',
+            'warmup_iters >= 0', 'lr_decay_iters >= 0', '0 <= lr_floor <= 1', 'weight_decay >= 0', 'grad_clip >= 0',
+            'max_loss >= 0', '0 <= ema_decay < 1', '0 <= caption_dropout <= 1', 'shift > 0',
+            'len(t_range) == 2', '0 <= t_range[0] < t_range[1] <= 1', 'trd_weight >= 0', 'trd_margin >= 0', 'align_layer >= 1',
+            'proj_dim >= 1', 'trd_pool >= 1', 'trd_block >= 1', 'log_interval >= 1', 'ckpt_interval >= 1',
+            'keep_last >= 0', 'num_workers >= -1', 'clip_ram >= 0', 'frame_stride >= 1')
     arch, run, meta = resolve_init()
     mesh, dev = parallel.init(sp, device, heads=arch['num_heads'])
     group, world, master = parallel.sp_group(mesh), dist.get_world_size(), dist.get_rank() == 0
@@ -468,7 +506,11 @@ def main():
                          f"batch_size or grad_accum so that the product stays {meta['global_batch']}")
     manifest = ensure_shapes('data/shapes') if data == 'shapes' else data
     folder = cache_dir or default_folder(manifest)
-    loader = make_loader(manifest, folder, dp_rank, dp)
+    if cache != 'build':
+        check_shared(out_dir, 'out_dir')
+    if cache != 'off':
+        check_shared(folder, 'cache_dir')
+    loader = make_loader(manifest, folder, dp_rank, dp, dev)
     if master and cache != 'build':
         save_config(cfg, out_dir)
         print(f'world {world} = dp {dp} x sp {sp}; global batch {global_batch} = batch_size {batch_size} x dp {dp} x '
@@ -480,16 +522,21 @@ def main():
     autocast = mixed_precision(dev, amp, cache=False)
 
     fz, cached, codec = frozen_source(manifest, folder, loader, spec, mesh, dev, meta)
+    if master and ckpt_dir and cache == 'off':
+        print(online_cost(fz), flush=True)
     if codec.z_dim != spec.patch_embedding.in_channels:
         raise SystemExit(f'the codec gives {codec.z_dim} latent channels but the DiT takes '
                          f'{spec.patch_embedding.in_channels} (image-conditioned DiTs are not trained here)')
     check_sizes(codec, spec.patch_size)
-    fps = cached['fps'] if cached else decord.VideoReader(loader.records[0]['video']).get_avg_fps() / frame_stride
+    fps = cached['fps'] if cached else video_fps(loader.records[0]) / frame_stride
     if cache == 'build':  # before the DiT exists: a build needs only the frozen models
         build_cache(loader, fz, folder, manifest, spec, fps, dev, autocast)
         parallel.close()
         return
 
+    with torch.no_grad():  # what a dropped caption reads
+        empty = pad_text([cached['empty']], spec.text_len).to(dev) if cached else \
+            text_features(fz, [''], spec.text_len, dev)[0]
     vjepa_dim = (cached['vjepa_dim'] if cached else fz.vjepa.patch_embed.proj.out_channels) if route != 'none' else 0
     trainable = build_trainable(arch, spec, run, mesh, dev, vjepa_dim)
     dit, params = trainable['dit'], list(trainable.parameters())
@@ -506,7 +553,8 @@ def main():
                 **({} if ckpt_dir else {'t5': cached['t5'] if cached else fz.t5.state_dict()})}
 
     batches = iter(loader)
-    sums, t0, n_logged, tokens_done = torch.zeros(2), time.time(), 0, 0
+    sums, t0, n_logged, tokens_done = torch.zeros(2, device=dev), time.time(), 0, 0
+    worst = torch.zeros((), device=dev)  # the largest loss share since the last check
     while it < max_iters:
         lr = lr_at(it, learning_rate, warmup_iters, lr_decay_iters, lr_floor)
         for g in opt.param_groups:
@@ -515,13 +563,14 @@ def main():
             batch = next(batches)
             gens = [clip_generator(dev, s) for s in batch['slot']]
             with torch.no_grad():
-                keep = [torch.rand(1, generator=g, device=dev).item() >= caption_dropout for g in gens]
-                x0, context, y, w = frozen_outputs(batch, keep, fz, cached, dit.text_len, dit.patch_size, dev, autocast)
+                x0, context, y, w = frozen_outputs(batch, fz, cached, dit.text_len, dit.patch_size, dev, autocast)
+                context = dropped(context, empty, gens, dev)
                 sigma, noise, xt = noised(x0, gens, u_lo, u_hi, dev)
             l_flow, l_trd = losses(trainable, x0, sigma, noise, xt, context, y, w, group, autocast)
             rank_loss(l_flow, l_trd).backward()
-            l_trd = torch.zeros(()) if l_trd is None else l_trd.detach()
-            sums += torch.stack([l_flow.detach().cpu() / sp, l_trd.cpu()]) / grad_accum
+            parts = torch.stack([l_flow.detach() / sp, l_flow.new_zeros(()) if l_trd is None else l_trd.detach()])
+            sums += parts / grad_accum
+            worst = torch.maximum(worst, parts.sum())  # NaN propagates
             tokens_done += x0[:, 0].numel() // math.prod(dit.patch_size)
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -532,8 +581,9 @@ def main():
                                  1 - min(ema_decay, (1 + it) / (10 + it)))
         it += 1
         n_logged += 1
+        if it % log_interval == 0 or it % ckpt_interval == 0 or it == max_iters:
+            check_loss(worst, it)
         if it % log_interval == 0 or it == max_iters:
-            sums = sums.to(dev)
             dist.all_reduce(sums)  # sums over sp of the shares, then over dp
             dt = time.time() - t0
             tok_s = tokens_done * world / sp / dt  # every dp group processes its own tokens
@@ -541,7 +591,7 @@ def main():
             line = log_line(it, sums / (dp * n_logged), n_logged, dt / n_logged, tok_s, lr, w, arch, L, dev)
             if master:
                 print(line, flush=True)
-            sums, t0, n_logged, tokens_done = torch.zeros(2), time.time(), 0, 0
+            sums, t0, n_logged, tokens_done = torch.zeros(2, device=dev), time.time(), 0, 0
         if it % ckpt_interval == 0 or it == max_iters:
             save(trainable, opt, ema, it, {'loader': loader.state_dict(), **run_info})
     if export_dir:

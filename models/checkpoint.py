@@ -382,6 +382,28 @@ def save_sharded(folder, state, meta):
     dist.barrier()
 
 
+def check_shared(folder, what):
+    """Refuse, on every rank, a folder that is not the same one on all ranks (a node-local path): every rank writes
+    its checkpoint shards there and rank 0 renames them, so each must see the others' files."""
+    if dist.get_world_size() == 1:
+        return
+    os.makedirs(folder, exist_ok=True)
+    token = [f'{os.getpid()}-{os.urandom(8).hex()}' if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    path = os.path.join(folder, f'.shared-{token[0]}')
+    if dist.get_rank() == 0:
+        open(path, 'w').close()
+    dist.barrier()
+    seen = torch.tensor([float(os.path.exists(path))])
+    dist.all_reduce(seen, op=dist.ReduceOp.MIN)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        os.remove(path)
+    if not seen.item():
+        raise SystemExit(f'{what}={folder} is not one folder shared by every rank (some ranks do not see the files '
+                         f'rank 0 writes there): put it on a file system that all nodes mount')
+
+
 def run_checkpoints(folder):
     """The complete step checkpoints ckpt-<iter> of a run folder, oldest first (an interrupted save is a .tmp)."""
     names = os.listdir(folder) if os.path.isdir(folder) else []

@@ -37,7 +37,9 @@ def init(sp=1, device='auto', heads=None):
     if not dist.is_initialized():
         backend = 'nccl' if dev.type == 'cuda' else 'gloo'
         if 'WORLD_SIZE' in os.environ:
-            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+            # NCCL told its device up front: no guessing from the rank, no hang on the first collective
+            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
+                                    **({'device_id': dev} if dev.type == 'cuda' else {}))
         else:  # plain python: the same code in a 1-rank group, no port needed
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh(dev.type, (world // sp, sp), mesh_dim_names=('dp', 'sp'))
@@ -45,10 +47,17 @@ def init(sp=1, device='auto', heads=None):
 
 
 def pick_device(device='auto', local=0):
-    """auto = cuda when available, else cpu; 'cuda' means this process's GPU (LOCAL_RANK under torchrun)."""
+    """auto = cuda when available, else cpu; 'cuda' means this process's GPU: cuda:LOCAL_RANK under torchrun, or the
+    one GPU a scheduler's per-task CUDA_VISIBLE_DEVICES leaves visible."""
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    return torch.device(f'cuda:{local}' if device == 'cuda' else device)
+    if device != 'cuda':
+        return torch.device(device)
+    n = torch.cuda.device_count()
+    if n != 1 and local >= n:
+        raise SystemExit(f'LOCAL_RANK {local} has no GPU of its own ({n} visible): start at most {n} processes per '
+                         f'node, or one per GPU with CUDA_VISIBLE_DEVICES set per task')
+    return torch.device('cuda', 0 if n == 1 else local)
 
 
 def close():
@@ -69,6 +78,14 @@ def shard(module, mesh, blocks=()):
     for block in blocks:
         fully_shard(block, mesh=world)
     return fully_shard(module, mesh=world)
+
+
+def shard_frozen(module, mesh, blocks=()):
+    """shard() for a model that only runs under no_grad: FSDP2 keeps a root unit's weights gathered after its forward
+    (it expects the backward), so here the root reshards itself after every forward."""
+    module = shard(module, mesh, blocks)
+    module.register_forward_hook(lambda m, args, out: m.reshard())
+    return module
 
 
 def copy_full(param, full):

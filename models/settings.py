@@ -109,6 +109,15 @@ def configure(g, path, argv=None):
     return {n: g[n] for n in names}
 
 
+def require(g, *rules):
+    """Refuse at start, in one sentence naming the settings and the rule, the first rule (a Python expression over
+    the settings in g, e.g. '0 <= ema_decay < 1') that does not hold."""
+    for rule in rules:
+        if not eval(rule, {}, dict(g)):
+            names = sorted({n.id for n in ast.walk(ast.parse(rule)) if isinstance(n, ast.Name) and n.id in g})
+            raise SystemExit(f"{', '.join(f'--{n}={g[n]!r}' for n in names)}: the settings need {rule}")
+
+
 def save_config(cfg, out_dir):
     """Write the resolved settings to out_dir/config.json (atomically, like every file we write)."""
     os.makedirs(out_dir, exist_ok=True)
