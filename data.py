@@ -6,8 +6,9 @@ rank-sharded loader. Manifest lines look like:
  "mask": "masks/0001_cube.npz"}], "background": "a grey floor", "text_embedding": "emb/0001.npy"}
 Paths are relative to the manifest's folder; masks are npz files holding `mask` [T, H, W].
 """
-import os
+import contextlib
 import json
+import os
 import shutil
 import zipfile
 from fractions import Fraction
@@ -87,10 +88,22 @@ def read_manifest(path, skip_bad=False, min_frames=None):
 # -----------------------------------------------------------------------------
 # decoding one clip
 
+@contextlib.contextmanager
+def _native_stderr_to(path):
+    """The process's stderr (file descriptor 2, where libav and decord log) sent to path for a while."""
+    saved, sink = os.dup(2), os.open(path, os.O_WRONLY)
+    try:
+        os.dup2(sink, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved), os.close(sink)
+
 def _open_video(rec):
     import decord  # lazy: keeps `import data` cheap for tools that only write videos
     try:
-        return decord.VideoReader(rec['video'], ctx=decord.cpu(0))
+        with _native_stderr_to(os.devnull):  # a bad file's libav lines: the sentence below says it once
+            return decord.VideoReader(rec['video'], ctx=decord.cpu(0))
     except Exception as err:  # decord raises a bare RuntimeError (DECORDError) on bad files
         raise ValueError(f"{_where(rec)}: video {rec['video']} could not be decoded "
                          f"({str(err).splitlines()[0][:200]}) (re-encode or remove it, or pass --skip_bad=True)") from None

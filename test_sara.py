@@ -494,6 +494,15 @@ def test_loader_resume_and_workers(shapes):
     for g, w in zip(got, ref[1:4]):
         assert torch.equal(g['video'], w['video']) and g['caption'] == w['caption']
 
+def test_loader_gives_uint8_clips_that_normalise_to_the_float_ones(shapes):
+    from data import normalise
+    kw = dict(batch_size=3, frames=3, height=16, width=16, seed=5)
+    f32, u8 = _take(ClipLoader(shapes / 'uniq.jsonl', **kw), 2), _take(ClipLoader(shapes / 'uniq.jsonl', uint8=True, **kw), 2)
+    for a, b in zip(f32, u8):
+        assert b['video'].dtype == torch.uint8 and torch.equal(normalise(b['video']), a['video'])
+    if torch.cuda.is_available():  # pinned for asynchronous copies
+        assert _take(ClipLoader(shapes / 'uniq.jsonl', uint8=True, pin=True, **kw), 1)[0]['video'].is_pinned()
+
 def test_kept_clips_give_the_decoded_batches_within_their_budget(shapes):
     """Clips kept decoded in memory give the windows decoding gives; past the budget (here 2 clips and a bit) the rest
     are decoded every time."""
@@ -2735,6 +2744,32 @@ def test_a_manifest_without_tokenizer_gets_a_toy_one(tiny_run, tmp_path):
     assert (ids > 2).sum() == len(caption.split())  # every word of the captions is known (2 = <unk>)
 
 
+def test_a_diverging_run_stops_before_its_checkpoint(tiny_run, tmp_path):
+    root, args, _ = tiny_run
+    r = run('train_dit.py', *args, '--max_iters=2', '--ckpt_interval=2', f'--out_dir={tmp_path}/d')
+    assert r.returncode == 0, r.stderr
+    # the loss explodes right away; the next checkpoint (iteration 4) would overwrite the good one's rotation
+    bad = run('train_dit.py', *args, '--init_from=resume', '--max_iters=6', '--ckpt_interval=2', '--learning_rate=1e9',
+              '--warmup_iters=1', f'--out_dir={tmp_path}/d')
+    one_line_error(bad, f'the loss reached')
+    assert f'stopped before checkpointing; {tmp_path}/d/ckpt (iteration 2) is the last good one' in bad.stderr
+    assert os.readlink(tmp_path / 'd' / 'ckpt') == 'ckpt-000002' and not (tmp_path / 'd' / 'ckpt-000004').exists()
+
+
+def test_a_garbage_first_clip_and_out_of_range_settings_end_in_one_line(tiny_run, tmp_path):
+    root, args, _ = tiny_run
+    shutil.copytree(root / 'data', tmp_path / 'g')
+    (tmp_path / 'g' / 'clips' / '0000.mp4').write_bytes(b'not a video' * 100)
+    one_line_error(run('train_dit.py', f'--data={tmp_path}/g/train.jsonl', *args[1:], f'--out_dir={tmp_path}/o'),
+                   f'{tmp_path}/g/train.jsonl line 1: video {tmp_path}/g/clips/0000.mp4 could not be decoded')
+    r = run('train_dit.py', f'--data={tmp_path}/g/train.jsonl', *args[1:], '--skip_bad=True', '--max_iters=1',
+            '--batch_size=2', f'--out_dir={tmp_path}/o')
+    assert r.returncode == 0 and 'skipped 1 of 8 clips' in r.stdout, r.stderr[-2000:]
+    one_line_error(run('train_dit.py', '--learning_rate=-1'), '--learning_rate=-1.0: the settings need learning_rate > 0')
+    one_line_error(run('train_dit.py', '--t_range=(0.9,0.2)'), 'the settings need 0 <= t_range[0] < t_range[1] <= 1')
+    one_line_error(run('train_dit.py', '--ema_decay=1.5'), 'the settings need 0 <= ema_decay < 1')
+
+
 # ---------------------------------------------------------------------------------------------- multi-process (torchrun, gloo)
 
 multiprocess = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -2745,6 +2780,55 @@ def torchrun(n, *args):
     """n gloo processes on the CPU, also on a machine with fewer GPUs than n."""
     return run('-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={n}', *args,
                env={'CUDA_VISIBLE_DEVICES': ''})
+
+
+# train_dit.py in a folder of its rank's own: a relative out_dir is then a node-local folder
+OWN_FOLDER = """import os, runpy, sys
+root = {root!r}
+os.makedirs(f'rank{os.environ["RANK"]}', exist_ok=True)
+os.chdir(f'rank{os.environ["RANK"]}')
+sys.path.insert(0, root)
+sys.argv = ['train_dit.py', *sys.argv[1:]]
+runpy.run_path(os.path.join(root, 'train_dit.py'), run_name='__main__')
+"""
+
+
+@multiprocess
+def test_an_out_dir_that_is_not_shared_is_refused(tiny_run, tmp_path):
+    root, args, _ = tiny_run
+    (tmp_path / 'own.py').write_text(OWN_FOLDER.replace('{root!r}', repr(ROOT)))
+    r = run('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(tmp_path / 'own.py'), *args,
+            '--batch_size=2', '--max_iters=1', '--out_dir=out', cwd=tmp_path, env={'CUDA_VISIBLE_DEVICES': ''})
+    assert r.returncode != 0 and 'out_dir=out is not one folder shared by every rank' in r.stderr, r.stderr[-3000:]
+    assert not any(any((tmp_path / f'rank{k}' / 'out').glob('ckpt*')) for k in (0, 1))
+
+
+def test_each_process_gets_its_own_visible_gpu(monkeypatch):
+    from models.parallel import pick_device
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)  # a scheduler's per-task CUDA_VISIBLE_DEVICES
+    assert pick_device('cuda', local=3) == torch.device('cuda', 0)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 8)
+    assert pick_device('cuda', local=5) == torch.device('cuda', 5)
+    with pytest.raises(SystemExit, match='LOCAL_RANK 9 has no GPU of its own'):
+        pick_device('cuda', local=9)
+    assert pick_device('cpu', local=5) == torch.device('cpu')
+
+
+def test_a_frozen_sharded_model_holds_only_its_shards_after_forward():
+    from torch.distributed.tensor import DTensor
+    from models import parallel
+    mesh, dev = parallel.init(1, 'cpu')
+    t5 = T5Encoder(**t5_configs['debug']).eval().requires_grad_(False)
+    plain, frozen = parallel.shard(t5, mesh, t5.blocks), None
+    ids = torch.randint(3, 100, (1, 8))
+    with torch.no_grad():
+        plain(ids, torch.ones_like(ids))
+    assert not all(isinstance(p, DTensor) for p in plain.parameters())  # FSDP2 keeps a root unit gathered
+    t5 = T5Encoder(**t5_configs['debug']).eval().requires_grad_(False)
+    frozen = parallel.shard_frozen(t5, mesh, t5.blocks)
+    with torch.no_grad():
+        frozen(ids, torch.ones_like(ids))
+    assert all(isinstance(p, DTensor) for p in frozen.parameters())
 
 
 def sp_parity_worker():
