@@ -2765,7 +2765,7 @@ def test_a_garbage_first_clip_and_out_of_range_settings_end_in_one_line(tiny_run
     r = run('train_dit.py', f'--data={tmp_path}/g/train.jsonl', *args[1:], '--skip_bad=True', '--max_iters=1',
             '--batch_size=2', f'--out_dir={tmp_path}/o')
     assert r.returncode == 0 and 'skipped 1 of 8 clips' in r.stdout, r.stderr[-2000:]
-    one_line_error(run('train_dit.py', '--learning_rate=-1'), '--learning_rate=-1.0: the settings need learning_rate > 0')
+    one_line_error(run('train_dit.py', '--learning_rate=-1'), '--learning_rate=-1.0: the settings need learning_rate >= 0')
     one_line_error(run('train_dit.py', '--t_range=(0.9,0.2)'), 'the settings need 0 <= t_range[0] < t_range[1] <= 1')
     one_line_error(run('train_dit.py', '--ema_decay=1.5'), 'the settings need 0 <= ema_decay < 1')
 

@@ -489,7 +489,7 @@ def export(dit, ema):
 # ---------------------------------------------------------------------------------------------- main
 
 def main():
-    require(globals(), 'learning_rate > 0', 'batch_size >= 1', 'grad_accum >= 1', 'sp >= 1', 'max_iters >= 0',
+    require(globals(), 'learning_rate >= 0', 'batch_size >= 1', 'grad_accum >= 1', 'sp >= 1', 'max_iters >= 0',
             'warmup_iters >= 0', 'lr_decay_iters >= 0', '0 <= lr_floor <= 1', 'weight_decay >= 0', 'grad_clip >= 0',
             'max_loss >= 0', '0 <= ema_decay < 1', '0 <= caption_dropout <= 1', 'shift > 0',
             'len(t_range) == 2', '0 <= t_range[0] < t_range[1] <= 1', 'trd_weight >= 0', 'trd_margin >= 0', 'align_layer >= 1',
