@@ -2744,6 +2744,16 @@ def test_a_manifest_without_tokenizer_gets_a_toy_one(tiny_run, tmp_path):
     assert (ids > 2).sum() == len(caption.split())  # every word of the captions is known (2 = <unk>)
 
 
+@pytest.mark.skipif(not (shutil.which('g++') or shutil.which('clang++')), reason='torch.compile needs a C++ compiler')
+def test_compiled_blocks_train_as_eager_ones(tiny_run, tmp_path):
+    root, args, _ = tiny_run  # the stated tolerance: 2e-3 on the loss, printed to 4 decimals
+    eager, compiled = (run('train_dit.py', *args, '--max_iters=2', f'--compile={c}', f'--out_dir={tmp_path}/{c}')
+                       for c in ('off', 'on'))
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr[-2000:]
+    a, b = losses(eager.stdout), losses(compiled.stdout)
+    assert sorted(a) == sorted(b) == [1, 2] and all(abs(a[i] - b[i]) <= 2e-3 for i in a), (a, b)
+
+
 def test_a_diverging_run_stops_before_its_checkpoint(tiny_run, tmp_path):
     root, args, _ = tiny_run
     r = run('train_dit.py', *args, '--max_iters=2', '--ckpt_interval=2', f'--out_dir={tmp_path}/d')

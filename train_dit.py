@@ -57,6 +57,7 @@ grad_accum = 1                 # accumulation steps: global batch = batch_size x
 sp = 1                         # sequence-parallel ranks per clip (Ulysses); dp = world size / sp
 checkpointing = choice('auto', 'on', 'off')  # recompute each DiT block in backward: auto = on with CUDA
 amp = choice('auto', 'on', 'off')  # bf16 autocast on fp32 weights: auto = on with CUDA or native CPU bf16 matmuls
+compile = choice('auto', 'on', 'off')  # torch.compile each DiT block: auto = on with CUDA
 frames = 9                     # pixel frames per clip, 1 + 4k
 height = 32                    # clip height after resize and centre crop
 width = 32                     # clip width after resize and centre crop
@@ -345,7 +346,11 @@ def build_cache(loader, fz, folder, manifest, spec, fps, dev, autocast):
 def build_trainable(arch, spec, run, mesh, dev, vjepa_dim):
     """The DiT and, for TRD, its projector, FSDP-sharded before they hold any weights and filled shard by shard
     (no rank holds a full fp32 copy), as one ModuleDict: one state dict and one optimizer for both."""
-    shard_dit = lambda m: parallel.shard(m, mesh, m.blocks)
+    def shard_dit(m):  # blocks compiled before FSDP wraps them, as torchtitan does
+        if compile == 'on' or (compile == 'auto' and dev.type == 'cuda'):
+            for block in m.blocks:
+                block.compile()
+        return parallel.shard(m, mesh, m.blocks)
     if run is None and init_from != 'scratch':
         dit = load_dit(init_from, dev, torch.float32, prepare=shard_dit)  # fp32 master weights, bf16 autocast
     elif run is None:  # scratch: the seed's initialisation, the same at every layout
