@@ -89,6 +89,7 @@ vjepa_ckpt = ''                # official V-JEPA .pt file ('' only for vjepa_mod
 log_interval = 25              # iterations between log lines (the loss is their mean over iterations and ranks)
 ckpt_interval = 400            # iterations between checkpoints out_dir/ckpt-<iter> (one is always written at the end)
 keep_last = 2                  # checkpoints kept; out_dir/ckpt links to the newest complete one
+ckpt_async = True              # write checkpoints from a background thread while training goes on
 init_from = 'scratch'          # scratch | resume (out_dir/ckpt) | a run folder | an official or diffusers DiT folder
 resume_ckpt = ''               # with init_from=resume: a checkpoint of out_dir to resume instead (e.g. ckpt-000200)
 export_dir = ''                # at the end, also write the DiT here as an official folder (safetensors + config.json)
@@ -401,14 +402,20 @@ def make_ema(dit, run, meta):
 
 
 def save(trainable, opt, ema, it, meta):
-    """out_dir/ckpt-<iter> (sharded, every rank its part), then out_dir/ckpt re-pointed at it and old ones removed."""
+    """out_dir/ckpt-<iter> (sharded, every rank its part, written in the background with ckpt_async); returns the
+    function that finishes it: out_dir/ckpt re-pointed at it and old ones removed."""
     model_sd, optim_sd = get_state_dict(trainable, opt)
     name = f'ckpt-{it:06d}'
-    save_sharded(os.path.join(out_dir, name), {'model': model_sd, 'optim': optim_sd, **({'ema': ema} if ema else {})},
-                 {'iter': it, **meta})
-    if dist.get_rank() == 0:
-        link_latest(out_dir, name, keep_last)
-    dist.barrier()
+    written = save_sharded(os.path.join(out_dir, name), {'model': model_sd, 'optim': optim_sd,
+                                                         **({'ema': ema} if ema else {})},
+                           {'iter': it, **meta}, background=ckpt_async)
+
+    def finish():
+        written()
+        if dist.get_rank() == 0:
+            link_latest(out_dir, name, keep_last)
+        dist.barrier()
+    return finish
 
 
 # ---------------------------------------------------------------------------------------------- one step
@@ -440,13 +447,14 @@ def losses(trainable, x0, sigma, noise, xt, context, y, w, group, autocast):
         return l_flow, trd_loss(z, y.float(), w, route=route, margin=trd_margin, block=trd_block, grid=pooled, part=part)
 
 
-def check_loss(worst, it):
+def check_loss(worst, it, pending):
     """Stop the run, before it writes a checkpoint, when a loss since the last check was not finite or above
-    max_loss on any rank: the newest checkpoint stays the last good one."""
+    max_loss on any rank: the checkpoint being written is finished and stays the last good one."""
     flags = torch.stack([worst.isnan().float(), worst.nan_to_num(posinf=math.inf)])  # a NaN does not survive MAX
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     value = math.nan if flags[0] else flags[1].item()
     if not math.isfinite(value) or value > max_loss > 0:
+        pending()
         good = os.path.join(out_dir, 'ckpt')
         kept = f'{good} (iteration {run_meta(good)["iter"]})' if os.path.exists(good) else 'no checkpoint'
         raise SystemExit(f'iteration {it}: the loss reached {value:.4g} (max_loss={max_loss:g}): stopped before '
@@ -560,6 +568,7 @@ def main():
     batches = iter(loader)
     sums, t0, n_logged, tokens_done = torch.zeros(2, device=dev), time.time(), 0, 0
     worst = torch.zeros((), device=dev)  # the largest loss share since the last check
+    pending = lambda: None  # finishes the checkpoint being written
     while it < max_iters:
         lr = lr_at(it, learning_rate, warmup_iters, lr_decay_iters, lr_floor)
         for g in opt.param_groups:
@@ -587,7 +596,7 @@ def main():
         it += 1
         n_logged += 1
         if it % log_interval == 0 or it % ckpt_interval == 0 or it == max_iters:
-            check_loss(worst, it)
+            check_loss(worst, it, pending)
         if it % log_interval == 0 or it == max_iters:
             dist.all_reduce(sums)  # sums over sp of the shares, then over dp
             dt = time.time() - t0
@@ -598,7 +607,9 @@ def main():
                 print(line, flush=True)
             sums, t0, n_logged, tokens_done = torch.zeros(2, device=dev), time.time(), 0, 0
         if it % ckpt_interval == 0 or it == max_iters:
-            save(trainable, opt, ema, it, {'loader': loader.state_dict(), **run_info})
+            pending()
+            pending = save(trainable, opt, ema, it, {'loader': loader.state_dict(), **run_info})
+    pending()
     if export_dir:
         export(dit, ema)
     if master:

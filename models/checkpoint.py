@@ -366,20 +366,36 @@ def atomic_save(obj, path):
 
 # ---------------------------------------------------------------------------------------------- training runs
 
-def save_sharded(folder, state, meta):
+_SAVE_GROUP = []  # the process group of background saves, made once: their collectives must not meet training's
+
+
+def save_sharded(folder, state, meta, background=False):
     """A resumable training checkpoint: `state` (nested dicts of possibly sharded tensors) written by every rank
     with torch.distributed.checkpoint, `meta` (small, the same on every rank) by rank 0 as meta.pt. Written as
-    folder.tmp and renamed, so folder always holds a whole checkpoint. DCP reshards on load: any world size."""
-    tmp, first = folder + '.tmp', dist.get_rank() == 0
+    folder.tmp and renamed, so folder always holds a whole checkpoint. DCP reshards on load: any world size.
+    Returns the function that finishes the save. background: the shards are staged in host memory and written by a
+    thread (dcp.async_save) while training goes on; call the returned function before the next save."""
+    tmp, first, single = folder + '.tmp', dist.get_rank() == 0, dist.get_world_size() == 1
     if first:
         shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
     dist.barrier()
+    if background and not single and not _SAVE_GROUP:
+        _SAVE_GROUP.append(dist.new_group(backend='gloo'))
     # one rank skips DCP's collectives, whose plan slowed every later fused AdamW step on the CPU
-    dcp.save(state, checkpoint_id=tmp, no_dist=dist.get_world_size() == 1)
-    if first:
-        torch.save(meta, os.path.join(tmp, 'meta.pt'))
-        _replace_folder(tmp, folder)
-    dist.barrier()
+    if background:
+        pending = dcp.async_save(state, checkpoint_id=tmp, no_dist=single, process_group=(_SAVE_GROUP or [None])[0])
+    else:
+        dcp.save(state, checkpoint_id=tmp, no_dist=single)
+
+    def finish():
+        if background:
+            pending.result()
+        dist.barrier()  # every rank's shards are on disk
+        if first:
+            torch.save(meta, os.path.join(tmp, 'meta.pt'))
+            _replace_folder(tmp, folder)
+        dist.barrier()
+    return finish
 
 
 def check_shared(folder, what):
