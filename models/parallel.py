@@ -137,6 +137,18 @@ def seq_to_heads(x, group):
     return x.permute(1, 0, 2, 3, 4).reshape(B, sp * n, h // sp, d)
 
 
+def qkv_to_heads(q, k, v, group):
+    """seq_to_heads of q, k and v in one all-to-all, in autocast's dtype when it is on (the attention casts them to
+    it anyway, so the numbers are the same at half the bytes)."""
+    if group is None:
+        return q, k, v
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    x = seq_to_heads(torch.stack([q, k, v], dim=3).flatten(3), group)  # [B, L, heads/sp, 3 d]
+    return x.unflatten(3, (3, -1)).unbind(3)
+
+
 def heads_to_seq(x, group):
     """The inverse of seq_to_heads: [B, L, heads/sp, d] -> [B, L/sp, heads, d]."""
     if group is None:

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from models.parallel import heads_to_seq, seq_gather, seq_shard, seq_to_heads
+from models.parallel import heads_to_seq, qkv_to_heads, seq_gather, seq_shard
 
 try:  # FlashAttention 3, then 2, when installed; never required
     from flash_attn_interface import flash_attn_func
@@ -161,7 +161,7 @@ class WanSelfAttention(nn.Module):
         q = self.norm_q(self.q(x)).view(B, L, self.num_heads, self.head_dim)
         k = self.norm_k(self.k(x)).view(B, L, self.num_heads, self.head_dim)
         v = self.v(x).view(B, L, self.num_heads, self.head_dim)
-        q, k, v = (seq_to_heads(a, group) for a in (rope_apply(q, freqs), rope_apply(k, freqs), v))
+        q, k, v = qkv_to_heads(rope_apply(q, freqs), rope_apply(k, freqs), v, group)
         out = attention(q, k[:, :seq_len], v[:, :seq_len])
         return self.o(heads_to_seq(out, group).flatten(2))
 
