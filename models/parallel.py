@@ -119,7 +119,7 @@ def seq_gather(x, group, n, dim=1):
     """All sp ranks' chunks joined along dim and the padding cut to n; backward: sum reduce-scatter."""
     if group is None:
         return x
-    x = funcol.all_gather_single_autograd(x.movedim(dim, 0).contiguous(), 0, group)
+    x = funcol.all_gather_tensor_autograd(x.movedim(dim, 0).contiguous(), 0, group)  # torch 2.11 has this one too
     return funcol.wait_tensor(x).movedim(0, dim).narrow(dim, 0, n)
 
 
