@@ -3,7 +3,7 @@ dtype; MFU against the bf16 matmul peak measured in the same run; TRD against a 
 plain and with sample.py's sampling-time alignment options (AlignVid, entropy-adaptive AlignVid, refocusing); and a
 per-GPU memory planner (torch's FSDP2 memory tracker under a fake process group, no GPU needed).
 
-    python bench.py                                      # small shapes on the CPU, 1-3 minutes on 2 shared cores
+    python bench.py                                      # small shapes on the CPU
     python bench.py --model=ti2v-5b --frames=121 --height=704 --width=1280 --blocks=10      # one GPU
     python bench.py --plan=True --model=t2v-a14b --frames=81 --height=720 --width=1280 --world=8 --sp=4
     python bench.py --plan=True --measure=True --model=debug --blocks=2 --world=1  # estimate, then run it for real
@@ -40,8 +40,7 @@ checkpointing = choice('auto', 'on', 'off')  # recompute each DiT block in backw
 warmup = 1                     # untimed iterations before each measurement
 iters = 3                      # timed iterations (the median is reported)
 diffusers = True               # also time diffusers' WanTransformer3DModel (skipped, with a note, when not installed)
-trd_tokens = 0                 # TRD tokens N per clip; 0 = the DiT's tokens without latent frame 0 (as the trainer),
-                               # at least 2048 so that small shapes still show the N x N cost
+trd_tokens = 0                 # TRD tokens N per clip (0 = the DiT's tokens without latent frame 0, at least 2048)
 trd_dim = 1024                 # TRD feature width D (V-JEPA ViT-L 1024, ViT-g 1408)
 trd_block = 256                # TRD row-block size
 naive_max = 32768              # run the naive N x N TRD only up to this N (it holds several N x N fp32 matrices)
@@ -51,10 +50,10 @@ world = 8                      # planner: GPUs (FSDP2 shards parameters, gradien
 sp = 1                         # planner: sequence-parallel ranks per clip (each rank holds tokens / sp)
 optimizer = True               # planner: AdamW (two fp32 states per parameter) as the trainer
 encoders = choice('online', 'cached')  # planner: the frozen encoders resident (online) or none (cached)
-route = 'or'                   # planner: TRD route as train_dit.py's (none = no V-JEPA, no projector); SARA's or by default
+route = 'or'                   # planner: train_dit.py's TRD route (none = no V-JEPA, no projector)
 vjepa_model = 'vitg'           # planner: V-JEPA variant resident with a route (models/vjepa.py configs)
 amp = choice('auto', 'on', 'off')  # bf16 autocast on fp32 weights: auto = as the trainer
-amp_cache = False              # planner: autocast's cache of bf16 weight casts (train_dit.py turns it off; True: the default)
+amp_cache = False              # planner: autocast's cache of bf16 weight casts (off as in train_dit.py)
 measure = False                # planner: also run the same config for real at world 1 and print measured vs estimated
 device = 'auto'                # auto = cuda when available, else cpu
 seed = 0                       # seeds weights and inputs
@@ -231,9 +230,8 @@ def inputs(arch, grid, dev, B):
 
 def ckpt_overcount(arch, grid, B, parts, ckpt):
     """What the tracker may over-count with per-block checkpointing: it keeps one [B, tokens, dim] fp32 tensor per
-    block alive through the backward that the allocator has freed (debug DiT, 12 blocks, 2048 tokens, on the CPU:
-    tracker 167 MiB, allocator 147 MiB = 10 such tensors fewer; without checkpointing both 686 MiB). It can only
-    matter when the peak is in the backward (a Temp share at the peak)."""
+    block alive through the backward that the allocator has freed. It only matters when the peak is in the backward
+    (a Temp share at the peak)."""
     if not ckpt:
         return 0
     return min(parts.get('Temp', 0), arch['num_layers'] * B * math.prod(grid) * arch['dim'] * 4)
