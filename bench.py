@@ -29,7 +29,7 @@ from models.trd import trd_loss
 from models.unipc import UniPC
 from models.wan import WanModel, configs as wan_configs, cpu_bf16, flash_attn_func, rope_table, token_grid as dit_grid
 
-model = choice('debug', *wan_configs)  # DiT config, a key of models/wan.py configs
+model = choice('debug', *(k for k in wan_configs if k != 'debug'))  # DiT config, a key of models/wan.py configs
 blocks = 0                     # use only the first N blocks (0 = all): real models whose whole DiT does not fit
 frames = 9                     # pixel frames (1 + 4k); with height/width they give the latent grid via the codec stride
 height = 64                    # pixel height (a multiple of the codec stride x 2)
