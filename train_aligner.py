@@ -45,7 +45,7 @@ out_dir = 'out/aligner'        # run folder: config.json, ckpt.pt, metrics.json,
 data = 'shapes'                # a manifest .jsonl (val.jsonl beside it is the eval split), or 'shapes': the toy set
 vjepa_model = 'debug'          # V-JEPA variant, a key of models/vjepa.py configs
 vjepa_ckpt = ''                # official V-JEPA .pt file; '' = a frozen random-init encoder made from the seed
-ckpt_dir = ''                  # official Wan2.2 folder for umT5 and its tokenizer ('' = the debug ones)
+ckpt_dir = ''                  # official Wan2.2 folder with umT5 and tokenizer ('' = debug umT5, manifest's tokenizer)
 amp = choice('auto', 'on', 'off')  # bf16 autocast of the frozen encoders: auto = on with CUDA or native CPU bf16
 device = 'auto'                # auto = cuda when available, else cpu
 seed = 0                       # seeds the aligner, the debug encoders and the data order
