@@ -3,7 +3,7 @@ dtype; MFU against the bf16 matmul peak measured in the same run; TRD against a 
 plain and with sample.py's sampling-time alignment options (AlignVid, entropy-adaptive AlignVid, refocusing); and a
 per-GPU memory planner (torch's FSDP2 memory tracker under a fake process group, no GPU needed).
 
-    python bench.py                                      # small shapes on the CPU, 1-3 minutes on 2 shared cores
+    python bench.py                                      # small shapes on the CPU
     python bench.py --model=ti2v-5b --frames=121 --height=704 --width=1280 --blocks=10      # one GPU
     python bench.py --plan=True --model=t2v-a14b --frames=81 --height=720 --width=1280 --world=8 --sp=4
     python bench.py --plan=True --measure=True --model=debug --blocks=2 --world=1  # estimate, then run it for real
@@ -29,7 +29,7 @@ from models.trd import trd_loss
 from models.unipc import UniPC
 from models.wan import WanModel, configs as wan_configs, cpu_bf16, flash_attn_func, rope_table, token_grid as dit_grid
 
-model = choice('debug', *wan_configs)  # DiT config, a key of models/wan.py configs
+model = choice('debug', *(k for k in wan_configs if k != 'debug'))  # DiT config, a key of models/wan.py configs
 blocks = 0                     # use only the first N blocks (0 = all): real models whose whole DiT does not fit
 frames = 9                     # pixel frames (1 + 4k); with height/width they give the latent grid via the codec stride
 height = 64                    # pixel height (a multiple of the codec stride x 2)
@@ -40,8 +40,7 @@ checkpointing = choice('auto', 'on', 'off')  # recompute each DiT block in backw
 warmup = 1                     # untimed iterations before each measurement
 iters = 3                      # timed iterations (the median is reported)
 diffusers = True               # also time diffusers' WanTransformer3DModel (skipped, with a note, when not installed)
-trd_tokens = 0                 # TRD tokens N per clip; 0 = the DiT's tokens without latent frame 0 (as the trainer),
-                               # at least 2048 so that small shapes still show the N x N cost
+trd_tokens = 0                 # TRD tokens N per clip (0 = the DiT's tokens without latent frame 0, at least 2048)
 trd_dim = 1024                 # TRD feature width D (V-JEPA ViT-L 1024, ViT-g 1408)
 trd_block = 256                # TRD row-block size
 naive_max = 32768              # run the naive N x N TRD only up to this N (it holds several N x N fp32 matrices)
@@ -51,10 +50,10 @@ world = 8                      # planner: GPUs (FSDP2 shards parameters, gradien
 sp = 1                         # planner: sequence-parallel ranks per clip (each rank holds tokens / sp)
 optimizer = True               # planner: AdamW (two fp32 states per parameter) as the trainer
 encoders = choice('online', 'cached')  # planner: the frozen encoders resident (online) or none (cached)
-route = 'or'                   # planner: TRD route as train_dit.py's (none = no V-JEPA, no projector); SARA's or by default
+route = 'or'                   # planner: train_dit.py's TRD route (none = no V-JEPA, no projector)
 vjepa_model = 'vitg'           # planner: V-JEPA variant resident with a route (models/vjepa.py configs)
 amp = choice('auto', 'on', 'off')  # bf16 autocast on fp32 weights: auto = as the trainer
-amp_cache = False              # planner: autocast's cache of bf16 weight casts (train_dit.py turns it off; True: the default)
+amp_cache = False              # planner: autocast's cache of bf16 weight casts (off as in train_dit.py)
 measure = False                # planner: also run the same config for real at world 1 and print measured vs estimated
 device = 'auto'                # auto = cuda when available, else cpu
 seed = 0                       # seeds weights and inputs
@@ -159,19 +158,17 @@ def cpu_peak(fn):
     return peak
 
 
-def peak_of(fn, dev):
-    """(seconds of one call, peak bytes above what was allocated before it)."""
+def peak_bytes(fn, dev):
+    """Peak bytes allocated while fn runs, above what was allocated before it."""
     gc.collect()
     if dev.type == 'cuda':
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        t0 = time.perf_counter()
         fn()
         sync(dev)
-        return time.perf_counter() - t0, torch.cuda.max_memory_allocated(dev) - base
-    t0 = time.perf_counter()
-    return None, cpu_peak(fn)
+        return torch.cuda.max_memory_allocated(dev) - base
+    return cpu_peak(fn)
 
 
 def matmul_peak(dev):
@@ -205,7 +202,8 @@ def diffusers_twin(ours, arch, dev):
     from diffusers import WanTransformer3DModel
     from models.checkpoint import DIT_FROM_DIFFUSERS, rename
     with torch.device(dev):
-        ref = WanTransformer3DModel(num_attention_heads=arch['num_heads'], attention_head_dim=arch['dim'] // arch['num_heads'],
+        ref = WanTransformer3DModel(num_attention_heads=arch['num_heads'],
+                                    attention_head_dim=arch['dim'] // arch['num_heads'],
                                     in_channels=arch['in_dim'], out_channels=arch['out_dim'],
                                     text_dim=arch.get('text_dim', 4096), freq_dim=256, ffn_dim=arch['ffn_dim'],
                                     num_layers=arch['num_layers'], eps=1e-6)
@@ -231,9 +229,8 @@ def inputs(arch, grid, dev, B):
 
 def ckpt_overcount(arch, grid, B, parts, ckpt):
     """What the tracker may over-count with per-block checkpointing: it keeps one [B, tokens, dim] fp32 tensor per
-    block alive through the backward that the allocator has freed (debug DiT, 12 blocks, 2048 tokens, on the CPU:
-    tracker 167 MiB, allocator 147 MiB = 10 such tensors fewer; without checkpointing both 686 MiB). It can only
-    matter when the peak is in the backward (a Temp share at the peak)."""
+    block alive through the backward that the allocator has freed. It only matters when the peak is in the backward
+    (a Temp share at the peak)."""
     if not ckpt:
         return 0
     return min(parts.get('Temp', 0), arch['num_layers'] * B * math.prod(grid) * arch['dim'] * 4)
@@ -325,14 +322,7 @@ def measure_dit(arch, grid, dev, B, amp, ckpt, use_opt, n_iter=2):
             dit, opt, batch, step = build_step(arch, grid, dev, B, amp, ckpt, use_opt, mesh)
             for _ in range(n_iter):
                 step()
-        if dev.type == 'cuda':
-            gc.collect()
-            torch.cuda.empty_cache()
-            base = torch.cuda.memory_allocated(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-            go()
-            return torch.cuda.max_memory_allocated(dev) - base
-        return cpu_peak(go)
+        return peak_bytes(go, dev)
     finally:
         rope_table.cache_clear()
         if not was:
@@ -347,57 +337,185 @@ def fmt_gib(b):
     return f'{b / GIB:.2f} GiB' if b >= GIB else f'{b / 2 ** 20:.1f} MiB'
 
 
-def main_plan(dev):
-    arch = arch_of(model, blocks)
+def check_layout(arch):
+    """Refuse a world / sp split that cannot run."""
     if world < 1 or sp < 1 or world % sp:
         raise SystemExit(f'sp={sp} must divide world={world}')
     if arch['num_heads'] % sp:
         raise SystemExit(f"sp={sp} does not divide the {arch['num_heads']} heads of {model}")
-    ckpt = checkpointing == 'on' or checkpointing == 'auto'  # the planner plans for GPUs: auto = on, as the trainer
-    full = rank_grid(model, tokens, frames, height, width)
-    grid = rank_grid(model, math.prod(full) if sp > 1 else tokens, frames, height, width, sp)
-    use_amp = amp == 'on' or (amp == 'auto' and (not measure or dev.type == 'cuda' or cpu_bf16()))
-    t0 = time.time()
-    peak, parts = plan_dit(arch, grid, world, batch_size, use_amp, ckpt, optimizer)
-    enc = encoder_bytes(arch, world)
-    total = peak + sum(enc.values())
-    n_params = sum(p.numel() for p in _meta(arch).parameters())
+
+
+def param_count(arch):
+    with torch.device('meta'):
+        return sum(p.numel() for p in WanModel(**arch).parameters())
+
+
+def plan_header(arch, full, grid, ckpt, use_amp):
+    """The planned configuration in one line."""
+    n_params = param_count(arch)
     part = f' ({arch["num_layers"]} blocks)' if blocks else ''
     size = f'{n_params / 1e9:.2f}B' if n_params > 1e8 else f'{n_params / 1e6:.2f}M'
-    print(f'memory plan: {model}{part}, {size} params, '
-          f'{math.prod(full):,} tokens per clip, batch {batch_size}, world {world}, '
-          f'sp {sp} (this rank: {math.prod(grid):,} tokens), checkpointing {"on" if ckpt else "off"}, '
-          f'{"AdamW" if optimizer else "no optimizer"}, {"bf16 autocast" if use_amp else "fp32"}, '
-          f'encoders {encoders}{f", route {route}" if encoders == "online" else ""}')
-    print(f'  DiT training step (FSDPMemTracker, fake {world}-rank group, FakeTensorMode, {time.time() - t0:.0f} s): '
+    return (f'memory plan: {model}{part}, {size} params, '
+            f'{math.prod(full):,} tokens per clip, batch {batch_size}, world {world}, '
+            f'sp {sp} (this rank: {math.prod(grid):,} tokens), checkpointing {"on" if ckpt else "off"}, '
+            f'{"AdamW" if optimizer else "no optimizer"}, {"bf16 autocast" if use_amp else "fp32"}, '
+            f'encoders {encoders}{f", route {route}" if encoders == "online" else ""}')
+
+
+def print_plan(peak, parts, enc, over, seconds):
+    """The tracked peak by category, the analytic encoder terms, their total and whether it fits each GPU."""
+    total = peak + sum(enc.values())
+    print(f'  DiT training step (FSDPMemTracker, fake {world}-rank group, FakeTensorMode, {seconds:.0f} s): '
           f'peak {fmt_gib(peak)} = ' + ', '.join(f'{k} {fmt_gib(v)}' for k, v in parts.items()))
     for k, v in enc.items():
         print(f'  + {k}: {fmt_gib(v)} (analytic: weights only)')
     print(f'  estimated peak per GPU: {fmt_gib(total)}; untracked: CUDA context, NCCL buffers, allocator '
           f'fragmentation ({fmt_gib(RESERVED)} kept free below), the encoders\' transient activations (they run '
           f'under no_grad before the DiT forward)')
-    over = ckpt_overcount(arch, grid, batch_size, parts, ckpt)
     if over:
         print(f'  the peak is in the backward, where with checkpointing the tracker may over-count up to '
               f'{fmt_gib(over)} (one [tokens, dim] fp32 tensor per block, see ckpt_overcount): the peak lies in '
               f'[{fmt_gib(total - over)}, {fmt_gib(total)}]; "fits" below uses the upper end')
     for name, cap in GPUS.items():
         print(f'  {name}: {"fits" if total + RESERVED <= cap else "does NOT fit"}')
+
+
+def main_plan(dev):
+    arch = arch_of(model, blocks)
+    check_layout(arch)
+    ckpt = checkpointing != 'off'  # the planner plans for GPUs: auto = on, as the trainer
+    full = rank_grid(model, tokens, frames, height, width)
+    grid = rank_grid(model, math.prod(full) if sp > 1 else tokens, frames, height, width, sp)
+    use_amp = amp == 'on' or (amp == 'auto' and (not measure or dev.type == 'cuda' or cpu_bf16()))
+    t0 = time.time()
+    peak, parts = plan_dit(arch, grid, world, batch_size, use_amp, ckpt, optimizer)
+    seconds, enc = time.time() - t0, encoder_bytes(arch, world)
+    print(plan_header(arch, full, grid, ckpt, use_amp))
+    print_plan(peak, parts, enc, ckpt_overcount(arch, grid, batch_size, parts, ckpt), seconds)
     if measure:
         if world != 1 or sp != 1:
             raise SystemExit('measure=True runs the config for real in one process: use --world=1 --sp=1')
         real = measure_dit(arch, grid, dev, batch_size, use_amp, ckpt, optimizer)
         print(f'  measured on {dev.type} (1-rank {"nccl" if dev.type == "cuda" else "gloo"} group, same steps): '
               f'peak {fmt_gib(real)}; tracker estimate / measured = {peak / real:.3f}')
-    return peak, total
-
-
-def _meta(arch):
-    with torch.device('meta'):
-        return WanModel(**arch)
+    return peak, peak + sum(enc.values())
 
 
 # ---------------------------------------------------------------------------------------------- the benchmark
+
+def bench_dit(arch, dev, ckpt):
+    """Our DiT with the official init, in train mode."""
+    torch.manual_seed(seed)
+    with torch.device(dev):
+        dit = WanModel(**arch)
+    dit.init_weights()
+    with torch.no_grad():  # the official init zeroes the head: give every weight a value so every path is exercised
+        dit.head.head.weight.normal_(0, 0.02)
+    dit.train().checkpointing = ckpt
+    return dit
+
+
+def reference(dit, arch, dev, ckpt):
+    """diffusers' twin of dit in train mode, or (None, a note saying why there is none)."""
+    if not diffusers:
+        return None, ''
+    try:
+        ref = diffusers_twin(dit, arch, dev).train()
+        if ckpt:
+            ref.enable_gradient_checkpointing()
+        return ref, ''
+    except Exception as err:  # not installed, or a version that cannot build it: our rows still come out
+        return None, f'diffusers reference skipped ({type(err).__name__}: {str(err)[:80]})'
+
+
+def fwd_bwd(m, call, target, autocast):
+    """One call: forward (call(m)), MSE to target, backward, gradients dropped."""
+    def go():
+        with autocast:
+            loss = F.mse_loss(call(m), target)
+        loss.backward()
+        m.zero_grad(set_to_none=True)
+    return go
+
+
+def weight_bytes(m):
+    return sum(p.numel() * p.element_size() for p in m.parameters())
+
+
+def time_dit(dit, arch, batch, dev, ckpt, autocast):
+    """Forward + backward of our DiT and its diffusers twin: median seconds (interleaved call by call), peak memory
+    with the weights, and the outputs' max relative difference. The twin's entries are None without it."""
+    x, t, ctx, target = batch
+    ours_call = lambda m: m(x, t, ctx)
+    ref_call = lambda m: m(x, t, ctx, return_dict=False)[0]
+    ours = fwd_bwd(dit, ours_call, target, autocast)
+    ref, note = reference(dit, arch, dev, ckpt)
+    s_ref = mem_ref = err = None
+    if ref is not None:
+        try:
+            s_ours, s_ref = timed(ours, fwd_bwd(ref, ref_call, target, autocast), dev=dev)
+        except Exception as e:
+            note, ref = f'diffusers reference failed ({type(e).__name__}: {str(e)[:80]})', None
+            dit.zero_grad(set_to_none=True)
+    if s_ref is None:
+        s_ours = timed(ours, dev=dev)
+    mem_ours = peak_bytes(ours, dev) + weight_bytes(dit)  # the weights were allocated before
+    with torch.no_grad(), autocast:
+        out_ours = dit(x, t, ctx).float()
+        if ref is not None:
+            out_ref = ref_call(ref).float()
+            err = ((out_ours - out_ref).abs().max() / out_ref.abs().max()).item()
+            del out_ref
+    if ref is not None:
+        mem_ref = peak_bytes(fwd_bwd(ref, ref_call, target, autocast), dev) + weight_bytes(ref)
+    return dict(s_ours=s_ours, s_ref=s_ref, mem_ours=mem_ours, mem_ref=mem_ref, err=err, note=note)
+
+
+def import_sample():
+    """sample.py as a module; it reads its settings from the command line when imported, so it is given none."""
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        import sample
+    finally:
+        sys.argv = argv
+    return sample
+
+
+def refocus_layout(sample, grid, dev):
+    """Two nouns with boxes and one verb bound to the first, as a layout file gives them."""
+    box = lambda x0: sample.box_tokens({0: [x0, 0.2, x0 + 0.4, 0.8]}, grid, 4).to(dev)  # 4 pixel frames a latent frame
+    return dict(idx=torch.tensor([1, 2, 3, 5, 6]), grid=grid, nouns=[([0, 1], box(0.1)), ([3, 4], box(0.5))],
+                verbs=[([2], 0)])
+
+
+def time_sampling(dit, batch, grid, dev, autocast):
+    """Median seconds of one sampling step (a classifier-free guidance pair and a UniPC update), plain and with
+    sample.py's sampling-time alignment options: AlignVid, entropy-adaptive AlignVid, refocusing."""
+    x, t, ctx, _ = batch
+    sample, every = import_sample(), list(range(len(dit.blocks)))
+    layout = refocus_layout(sample, grid, dev)
+
+    def plain():
+        solver = UniPC(50, 5.0)
+        with torch.no_grad(), autocast:
+            v_c, v_u = dit(x, t, ctx), dit(x, t, torch.zeros_like(ctx))
+            return solver.step(v_u + 5.0 * (v_c - v_u), x)
+
+    def aligned(adaptive):  # AlignVid, alpha 1.35 on every block
+        def go():
+            sample.alignvid_adaptive = adaptive
+            sample.set_logit_scale(dit, 1.35, every)
+            plain()
+            sample.alignvid_adaptive = False
+            sample.set_logit_scale(dit, None, every)
+        return go
+
+    def refocused():  # sample.refocus_iters latent gradient steps through all the blocks, t = 950 in its windows
+        with autocast:
+            sample.refocus(dit, x, t, ctx, None, layout, every, 950, 0.95, torch.ones_like(x))
+        plain()
+    return timed(plain, aligned(False), aligned(True), refocused, dev=dev)
+
 
 def naive_trd(z, y, w, margin=0.1):
     """The N x N reference: both Grams, the OR weights and the loss materialised (autograd keeps them)."""
@@ -407,166 +525,123 @@ def naive_trd(z, y, w, margin=0.1):
     return (W * l).sum() / W.sum()
 
 
-def main_bench(dev):
-    arch = arch_of(model, blocks)
-    grid = rank_grid(model, tokens, frames, height, width)
-    L, B = math.prod(grid), batch_size
-    ckpt = checkpointing == 'on' or (checkpointing == 'auto' and dev.type == 'cuda')
-    gpu = dev.type == 'cuda'  # bf16 autocast on fp32 weights, as the trainer
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if gpu else contextlib.nullcontext()
-    rows = []  # (what, ours, reference, ratio or note)
-    ours_attn, their_attn = attention_backends()
-    print(f'bench: {model}, {arch["num_layers"]} of {wan_configs[model]["num_layers"]} blocks, grid {grid} = '
-          f'{L:,} tokens, batch {B}, {dev.type} ({torch.cuda.get_device_name(dev) if gpu else "fp32"}'
-          f'{", bf16 autocast on fp32 weights" if gpu else ""}), checkpointing {"on" if ckpt else "off"}, '
-          f'torch {torch.__version__}', flush=True)
-
-    peak, peak_what = matmul_peak(dev)
-    flops = dit_flops(arch, L, B)
-    torch.manual_seed(seed)
-    with torch.device(dev):
-        dit = WanModel(**arch)
-    dit.init_weights()
-    with torch.no_grad():  # the official init zeroes the head: give every weight a value so every path is exercised
-        dit.head.head.weight.normal_(0, 0.02)
-    dit.train().checkpointing = ckpt
-    x, t, ctx, target = inputs(arch, grid, dev, B)
-
-    def fwd_bwd(m, call):
-        def go():
-            with autocast:
-                loss = F.mse_loss(call(m), target)
-            loss.backward()
-            m.zero_grad(set_to_none=True)
-        return go
-    ours_call = lambda m: m(x, t, ctx)
-    ref, note = None, ''
-    if diffusers:
-        try:
-            ref = diffusers_twin(dit, arch, dev).train()
-            if ckpt:
-                ref.enable_gradient_checkpointing()
-        except Exception as err:  # not installed, or a version that cannot build it: our rows still come out
-            note = f'diffusers reference skipped ({type(err).__name__}: {str(err)[:80]})'
-    ref_call = lambda m: m(x, t, ctx, return_dict=False)[0]
-    s_ref = mem_ref = err = None
-    if ref is not None:  # interleaved, call by call
-        try:
-            s_ours, s_ref = timed(fwd_bwd(dit, ours_call), fwd_bwd(ref, ref_call), dev=dev)
-        except Exception as e:
-            note, ref = f'diffusers reference failed ({type(e).__name__}: {str(e)[:80]})', None
-            dit.zero_grad(set_to_none=True)
-    if s_ref is None:
-        s_ours = timed(fwd_bwd(dit, ours_call), dev=dev)
-    weights = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
-    _, mem_ours = peak_of(fwd_bwd(dit, ours_call), dev)
-    mem_ours += weights(dit)  # the weights were allocated before
-    with torch.no_grad(), autocast:
-        out_ours = dit(x, t, ctx).float()
-        if ref is not None:
-            out_ref = ref_call(ref).float()
-            err = ((out_ours - out_ref).abs().max() / out_ref.abs().max()).item()
-            del out_ref
-    if ref is not None:
-        _, mem_ref = peak_of(fwd_bwd(ref, ref_call), dev)
-        mem_ref += weights(ref)
-    del ref
-    mfu = flops / s_ours / peak
-
-    # one sampling step: a classifier-free guidance pair of forward passes and a UniPC update
-    def sample_step():
-        solver = UniPC(50, 5.0)
-        with torch.no_grad(), autocast:
-            v_c, v_u = dit(x, t, ctx), dit(x, t, torch.zeros_like(ctx))
-            return solver.step(v_u + 5.0 * (v_c - v_u), x)
-    # the same step with the sampling-time alignment options of sample.py (README: Training-free alignment)
-    argv, sys.argv = sys.argv, sys.argv[:1]  # sample.py reads its settings from the command line when imported
-    try:
-        import sample
-    finally:
-        sys.argv = argv
-    every = list(range(len(dit.blocks)))
-
-    def aligned(adaptive):  # AlignVid, alpha 1.35 on every block
-        def go():
-            sample.alignvid_adaptive = adaptive
-            sample.set_logit_scale(dit, 1.35, every)
-            sample_step()
-            sample.alignvid_adaptive = False
-            sample.set_logit_scale(dit, None, every)
-        return go
-    box = lambda x0: sample.box_tokens({0: [x0, 0.2, x0 + 0.4, 0.8]}, grid, 4).to(dev)  # 4 pixel frames a latent frame
-    layout = dict(idx=torch.tensor([1, 2, 3, 5, 6]), grid=grid, nouns=[([0, 1], box(0.1)), ([3, 4], box(0.5))],
-                  verbs=[([2], 0)])  # two nouns with boxes, one verb bound to the first
-
-    def refocused():  # sample.refocus_iters (3) latent gradient steps through all the blocks, t = 950 in its windows
-        with autocast:
-            sample.refocus(dit, x, t, ctx, None, layout, every, 950, 0.95, torch.ones_like(x))
-        sample_step()
-    s_sample, s_align, s_adapt, s_refocus = timed(sample_step, aligned(False), aligned(True), refocused, dev=dev)
-    gc.collect()
-
-    # TRD: blocked (models/trd.py) against the naive N x N loss, forward + backward, fp32 (as the trainer runs it)
+def trd_inputs(grid, dev):
+    """Features z (needing gradients), targets y and saliency weights w of trd_tokens tokens (0: as the trainer)."""
     f0, h0, w0 = grid
     N = trd_tokens or max(2048, max(1, f0 - 1) * h0 * w0)
     g = torch.Generator(dev).manual_seed(seed)
     z = torch.randn(N, trd_dim, generator=g, device=dev, requires_grad=True)
     y = 0.5 * z.detach() + torch.randn(N, trd_dim, generator=g, device=dev)
     w = torch.rand(N, generator=g, device=dev)
+    return z, y, w
 
-    def trd_blocked():
+
+def time_trd(grid, dev):
+    """Blocked TRD (models/trd.py) against the naive N x N loss, forward + backward in fp32 as the trainer runs it:
+    median seconds, peak memory and both losses. The naive entries are None above naive_max."""
+    z, y, w = trd_inputs(grid, dev)
+
+    def blocked():
         trd_loss(z[None], y[None], w[None], route='or', block=trd_block).backward()
         z.grad = None
 
-    def trd_naive():
+    def naive():
         naive_trd(z, y, w).backward()
         z.grad = None
     with torch.no_grad():
         lb, ln = trd_loss(z[None], y[None], w[None], route='or', block=trd_block).item(), naive_trd(z, y, w).item()
     s_naive = m_naive = None
-    if N <= naive_max:
-        s_trd, s_naive = timed(trd_blocked, trd_naive, dev=dev)
-        _, m_naive = peak_of(trd_naive, dev)
+    if len(z) <= naive_max:
+        s_trd, s_naive = timed(blocked, naive, dev=dev)
+        m_naive = peak_bytes(naive, dev)
     else:
-        s_trd = timed(trd_blocked, dev=dev)
-    _, m_trd = peak_of(trd_blocked, dev)
+        s_trd = timed(blocked, dev=dev)
+    return dict(N=len(z), s=s_trd, s_naive=s_naive, mem=peak_bytes(blocked, dev), mem_naive=m_naive, loss=lb,
+                loss_naive=ln)
 
-    ms = lambda s: f'{1000 * s:,.1f} ms'
-    rows.append(('DiT forward+backward (reference: diffusers)', ms(s_ours), ms(s_ref) if s_ref else '-',
-                 f'{s_ref / s_ours:.2f}x (diffusers / ours)' if s_ref else note))
-    rows.append(('  model FLOPs per step', f'{flops:.3g}', f'{flops:.3g}', 'blocks\' matmuls x 3 (dit_flops)'))
-    rows.append(('  achieved', fmt_rate(flops / s_ours), fmt_rate(flops / s_ref) if s_ref else '-', ''))
-    rows.append((f'  MFU (peak {fmt_rate(peak)}, {peak_what})', f'{mfu:.1%}',
-                 f'{flops / s_ref / peak:.1%}' if s_ref else '-', 'measured in this run'))
-    rows.append(('  peak memory (weights + grads + activations)', fmt_gib(mem_ours), fmt_gib(mem_ref) if mem_ref else '-',
-                 f'{mem_ref / mem_ours:.2f}x' if mem_ref else ''))
-    rows.append(('  output max rel difference', '', f'{err:.1e}' if err is not None else '-', 'same weights and inputs'))
-    rows.append(('attention backend', ours_attn, their_attn, ''))
-    rows.append((f'TRD fwd+bwd, N={N:,}, D={trd_dim} (reference: naive N x N)', ms(s_trd), ms(s_naive) if s_naive
-                 else 'skipped (N > naive_max)', f'{s_naive / s_trd:.2f}x (naive / ours)' if s_naive else ''))
-    rows.append(('  TRD peak memory', fmt_gib(m_trd), fmt_gib(m_naive) if m_naive else '-',
-                 f'{m_naive / m_trd:.1f}x; loss {lb:.6f} vs {ln:.6f}' if m_naive else ''))
-    rows.append(('sampling step (cfg pair + UniPC update)', ms(s_sample), '-', 'ours only'))
-    extra = lambda s: f'{s / s_sample - 1:+.0%} over the plain step'
-    rows.append(('  with AlignVid (alpha 1.35, all blocks)', ms(s_align), '-', extra(s_align)))
-    rows.append(('  with AlignVid, entropy-adaptive', ms(s_adapt), '-', extra(s_adapt)))
-    rows.append((f'  with refocusing ({sample.refocus_iters} iterations, 2 nouns + 1 verb)', ms(s_refocus), '-',
-                 extra(s_refocus)))
+
+def ms(s):
+    return f'{1000 * s:,.1f} ms'
+
+
+def dit_rows(r, flops, peak, peak_what):
+    """Table rows (what, ours, reference, note) of the DiT step."""
+    s, s_ref, mem, mem_ref, err = r['s_ours'], r['s_ref'], r['mem_ours'], r['mem_ref'], r['err']
+    return [('DiT forward+backward (reference: diffusers)', ms(s), ms(s_ref) if s_ref else '-',
+             f'{s_ref / s:.2f}x (diffusers / ours)' if s_ref else r['note']),
+            ('  model FLOPs per step', f'{flops:.3g}', f'{flops:.3g}', 'blocks\' matmuls x 3 (dit_flops)'),
+            ('  achieved', fmt_rate(flops / s), fmt_rate(flops / s_ref) if s_ref else '-', ''),
+            (f'  MFU (peak {fmt_rate(peak)}, {peak_what})', f'{flops / s / peak:.1%}',
+             f'{flops / s_ref / peak:.1%}' if s_ref else '-', 'measured in this run'),
+            ('  peak memory (weights + grads + activations)', fmt_gib(mem), fmt_gib(mem_ref) if mem_ref else '-',
+             f'{mem_ref / mem:.2f}x' if mem_ref else ''),
+            ('  output max rel difference', '', f'{err:.1e}' if err is not None else '-', 'same weights and inputs'),
+            ('attention backend', *attention_backends(), '')]
+
+
+def trd_rows(r):
+    """Table rows of the TRD loss."""
+    s, s_naive, mem, mem_naive = r['s'], r['s_naive'], r['mem'], r['mem_naive']
+    return [(f'TRD fwd+bwd, N={r["N"]:,}, D={trd_dim} (reference: naive N x N)', ms(s),
+             ms(s_naive) if s_naive else 'skipped (N > naive_max)', f'{s_naive / s:.2f}x (naive / ours)' if s_naive
+             else ''),
+            ('  TRD peak memory', fmt_gib(mem), fmt_gib(mem_naive) if mem_naive else '-',
+             f'{mem_naive / mem:.1f}x; loss {r["loss"]:.6f} vs {r["loss_naive"]:.6f}' if mem_naive else '')]
+
+
+def sampling_rows(s_plain, s_align, s_adapt, s_refocus):
+    """Table rows of the sampling step, plain and with each sampling-time option."""
+    extra = lambda s: f'{s / s_plain - 1:+.0%} over the plain step'
+    return [('sampling step (cfg pair + UniPC update)', ms(s_plain), '-', 'ours only'),
+            ('  with AlignVid (alpha 1.35, all blocks)', ms(s_align), '-', extra(s_align)),
+            ('  with AlignVid, entropy-adaptive', ms(s_adapt), '-', extra(s_adapt)),
+            (f'  with refocusing ({import_sample().refocus_iters} iterations, 2 nouns + 1 verb)', ms(s_refocus), '-',
+             extra(s_refocus))]
+
+
+def print_table(rows):
     w1 = max(len(r[0]) for r in rows)
     w2 = max(len(r[1]) for r in rows + [('', 'ours')])
     w3 = max(len(r[2]) for r in rows + [('', '', 'reference')])
     print(f'| {"":<{w1}} | {"ours":>{w2}} | {"reference":>{w3}} | note')
     for r in rows:
         print(f'| {r[0]:<{w1}} | {r[1]:>{w2}} | {r[2]:>{w3}} | {r[3]}')
-    if gpu:  # the planner's estimate of the same step (our DiT, one GPU, no optimizer) beside the measured peak
+
+
+def print_planner_beside(arch, grid, ckpt, measured):
+    """The planner's estimate of the step just measured (our DiT, one GPU, no optimizer) beside its measured peak."""
+    est, parts = plan_dit(arch, grid, 1, batch_size, True, ckpt, False)
+    over = ckpt_overcount(arch, grid, batch_size, parts, ckpt)
+    print(f'planner estimate for this step (ours, world 1, no optimizer): {fmt_gib(est)}'
+          + (f' (>= {fmt_gib(est - over)} without the checkpoint over-count)' if over else '') +
+          f' vs measured {fmt_gib(measured)} (estimate / measured = {est / measured:.2f}); at the estimate\'s '
+          f'peak: ' + ', '.join(f'{k} {fmt_gib(v)}' for k, v in parts.items()))
+
+
+def main_bench(dev):
+    arch = arch_of(model, blocks)
+    grid = rank_grid(model, tokens, frames, height, width)
+    ckpt = checkpointing == 'on' or (checkpointing == 'auto' and dev.type == 'cuda')
+    gpu = dev.type == 'cuda'  # bf16 autocast on fp32 weights, as the trainer
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if gpu else contextlib.nullcontext()
+    print(f'bench: {model}, {arch["num_layers"]} of {wan_configs[model]["num_layers"]} blocks, grid {grid} = '
+          f'{math.prod(grid):,} tokens, batch {batch_size}, '
+          f'{dev.type} ({torch.cuda.get_device_name(dev) if gpu else "fp32"}'
+          f'{", bf16 autocast on fp32 weights" if gpu else ""}), checkpointing {"on" if ckpt else "off"}, '
+          f'torch {torch.__version__}', flush=True)
+    peak, peak_what = matmul_peak(dev)
+    dit = bench_dit(arch, dev, ckpt)
+    batch = inputs(arch, grid, dev, batch_size)
+    dit_r = time_dit(dit, arch, batch, dev, ckpt, autocast)
+    sampling = time_sampling(dit, batch, grid, dev, autocast)
+    gc.collect()
+    trd_r = time_trd(grid, dev)
+    flops = dit_flops(arch, math.prod(grid), batch_size)
+    print_table(dit_rows(dit_r, flops, peak, peak_what) + trd_rows(trd_r) + sampling_rows(*sampling))
+    if gpu:
         del dit
         gc.collect()
-        est, parts = plan_dit(arch, grid, 1, B, True, ckpt, False)
-        over = ckpt_overcount(arch, grid, B, parts, ckpt)
-        print(f'planner estimate for this step (ours, world 1, no optimizer): {fmt_gib(est)}'
-              + (f' (>= {fmt_gib(est - over)} without the checkpoint over-count)' if over else '') +
-              f' vs measured {fmt_gib(mem_ours)} (estimate / measured = {est / mem_ours:.2f}); at the estimate\'s '
-              f'peak: ' + ', '.join(f'{k} {fmt_gib(v)}' for k, v in parts.items()))
+        print_planner_beside(arch, grid, ckpt, dit_r['mem_ours'])
 
 
 def main():

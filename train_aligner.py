@@ -1,6 +1,6 @@
 """Stage 1: train the semantic aligner (text-conditioned per-token saliency on a frozen V-JEPA grid), and draw it.
 
-    python train_aligner.py                          # debug V-JEPA + debug umT5 on the built-in toy clips, CPU, minutes
+    python train_aligner.py                          # debug V-JEPA + debug umT5 on the built-in toy clips, CPU
     python train_aligner.py --init_from=resume       # continue out_dir exactly where it stopped
     torchrun --nproc_per_node=8 train_aligner.py --vjepa_model=vjepa2.1-vitl --vjepa_ckpt=vjepa2_1_vitl.pt \
         --ckpt_dir=Wan2.2-TI2V-5B --data=my/train.jsonl --frames=32 --height=384 --width=384 --batch_size=16
@@ -13,8 +13,7 @@ clip, its full caption (what Stage 2 asks), gives the global embedding for InfoN
 embedding: the manifest's `text_embedding` when every clip has one, else the clip's pooled frozen T5 caption
 features through the aligner's small trainable text projection (identity at init, so the random debug T5 space can
 be adapted too). With caption_bce (default) that query is also supervised with the union mask: the paper's K+2 never
-asks the full caption, yet Stage 2 does: on the toy set without it the full caption scores val IoU 0.03, AUROC 0.61
-against the union mask (0.43 and 0.98 with it; the union query: 0.46 and 0.98 without, 0.36 and 0.98 with).
+asks the full caption, yet Stage 2 does.
 Under torchrun: DDP, rank-sharded clips, BCE normalised over the global batch, InfoNCE over the gathered batch, so
 the losses equal one process's with the global batch; rank 0 alone evaluates and writes.
 Evaluation on val.jsonl beside the manifest: saliency IoU and AUROC per query kind (entity, union, background,
@@ -46,18 +45,17 @@ out_dir = 'out/aligner'        # run folder: config.json, ckpt.pt, metrics.json,
 data = 'shapes'                # a manifest .jsonl (val.jsonl beside it is the eval split), or 'shapes': the toy set
 vjepa_model = 'debug'          # V-JEPA variant, a key of models/vjepa.py configs
 vjepa_ckpt = ''                # official V-JEPA .pt file; '' = a frozen random-init encoder made from the seed
-ckpt_dir = ''                  # official Wan2.2 folder whose umT5 and tokenizer to use; '' = the debug umT5
-                               # (frozen, random) and the tokenizer beside the manifest
+ckpt_dir = ''                  # official Wan2.2 folder with umT5 and tokenizer ('' = debug umT5, manifest's tokenizer)
 amp = choice('auto', 'on', 'off')  # bf16 autocast of the frozen encoders: auto = on with CUDA or native CPU bf16
 device = 'auto'                # auto = cuda when available, else cpu
 seed = 0                       # seeds the aligner, the debug encoders and the data order
 batch_size = 8                 # clips per iteration (per rank under torchrun)
 frames = 16                    # V-JEPA input frames per clip (even: tubelets of 2)
 height = 64                    # V-JEPA input height after resize and centre crop (a multiple of 16)
-width = 64                     # V-JEPA input width (16-pixel patches: 64x64 at 16 frames is an 8x4x4 token grid)
+width = 64                     # V-JEPA input width (a multiple of 16)
 frame_stride = 2               # take every n-th frame of the source clip
 text_len = 512                 # caption tokens; longer captions are truncated, with a warning naming the clip
-dim = 128                      # aligner width (128 for the CPU default; 256 and up for real features)
+dim = 128                      # aligner width (256 and up for real features)
 heads = 4                      # aligner attention heads
 depth = 2                      # aligner fusion blocks
 max_iters = 600                # total training iterations
@@ -70,20 +68,17 @@ grad_clip = 1.0                # clip the gradient norm to this (0 = off)
 temperature = 0.07             # InfoNCE temperature
 bce_weight = 1.0               # weight of the saliency BCE
 nce_weight = 0.1               # weight of the InfoNCE regulariser
-caption_bce = True             # also supervise the full-caption query (InfoNCE's, and what Stage 2 asks) with the
-                               # union mask (all ones without entities); False = only the paper's K+2 queries
+caption_bce = True             # also supervise the full-caption query with the union mask (False = the paper's K+2)
 log_interval = 50              # iterations between log lines (the losses are their means)
 eval_interval = 200            # iterations between evaluations on val.jsonl (one is always run at the end)
 ckpt_interval = 200            # iterations between checkpoints (one is always written at the end)
 pictures = 2                   # validation clips drawn at each evaluation (out_dir/saliency/iter_XXXX_clipN.png)
-picture_frames = 4             # frames per picture row (one row per query; per frame: mask overlay, heatmap)
+picture_frames = 4             # frames per picture row (one row per query)
 picture_zoom = 2               # picture cells are the model input enlarged this many times
 init_from = choice('scratch', 'resume')  # resume = continue out_dir/ckpt.pt
 skip_bad = False               # skip unreadable clips (counted and reported) instead of stopping
 num_workers = 0                # data loader worker processes
-clip_ram = 2.0                 # GiB of decoded clips (resized, uint8) kept in memory per loader process: later
-                               # epochs cut their windows from them instead of decoding (0 = off; the toy's
-                               # 256 clips take 25 MiB, and decoding took a fifth of a toy iteration)
+clip_ram = 2.0                 # GiB of decoded clips kept in memory per loader process, not decoded again (0 = off)
 task = choice('train', 'saliency')  # saliency = draw out_dir/ckpt.pt's saliency for --video and --caption
 video = ''                     # task=saliency: the video file
 caption = ''                   # task=saliency: the caption to ask
