@@ -49,6 +49,7 @@ plan = False                   # memory planner: estimate the per-GPU peak of a 
 world = 8                      # planner: GPUs (FSDP2 shards parameters, gradients and AdamW states over all of them)
 sp = 1                         # planner: sequence-parallel ranks per clip (each rank holds tokens / sp)
 optimizer = True               # planner: AdamW (two fp32 states per parameter) as the trainer
+ema = True                     # planner: the trainer's fp32 EMA of the DiT (sharded like it)
 encoders = choice('online', 'cached')  # planner: the frozen encoders resident (online) or none (cached)
 route = 'or'                   # planner: train_dit.py's TRD route (none = no V-JEPA, no projector)
 vjepa_model = 'vitg'           # planner: V-JEPA variant resident with a route (models/vjepa.py configs)
@@ -63,8 +64,6 @@ cfg = configure(globals(), __file__, None if __name__ == '__main__' else [])  # 
 GIB = 2 ** 30
 GPUS = {'80 GB (A100/H100)': 79.6 * GIB, '141 GB (H200)': 139.8 * GIB}  # what the driver reports as total
 RESERVED = 4 * GIB   # CUDA context, NCCL buffers, allocator fragmentation: not tracked; kept free in 'fits'
-T5_XXL_PARAMS = 5_680_910_336                                  # bf16, sharded over all ranks by the trainer
-VAE_PARAMS = {48: 704_688_668, 16: 126_892_531}                # fp32, replicated: Wan2.2 VAE (z 48), Wan2.1 (z 16)
 STRIDE = {'ti2v': (4, 16, 16), 'debug': (4, 2, 2)}            # codec stride; the other models: Wan2.1 VAE (4, 8, 8)
 
 
@@ -236,18 +235,46 @@ def ckpt_overcount(arch, grid, B, parts, ckpt):
     return min(parts.get('Temp', 0), arch['num_layers'] * B * math.prod(grid) * arch['dim'] * 4)
 
 
-def encoder_bytes(arch, n_world):
-    """Resident frozen encoders and the projector, analytic (they are not run by the tracker), per GPU."""
-    if encoders == 'cached' or model == 'debug':  # debug: toy encoders of a few MB
+def meta_params(build, prefixes=('',)):
+    """Parameters of a model built on the meta device, those whose names start with one of prefixes."""
+    with torch.device('meta'):
+        return sum(p.numel() for n, p in build().named_parameters() if n.startswith(prefixes))
+
+
+def frozen_models(arch):
+    """The frozen models train_dit.py keeps resident when it runs them online, {name: (build, bytes per parameter,
+    sharded)}: a toy run's debug umT5 and V-JEPA, or umT5-XXL, the VAE encoder (its decoder never reaches the GPU)
+    and V-JEPA. A Stage 1 aligner whose umT5 is the DiT's file shares it."""
+    from models.t5 import T5Encoder, configs as t5_configs
+    from models.vae import WanVAE, configs as vae_configs
+    from models.vjepa import VJEPA, configs as vjepa_configs
+
+    def vae_encoder():
+        vae = WanVAE(**vae_configs['wan2.2' if arch['out_dim'] == 48 else 'wan2.1'])
+        vae.decoder = vae.conv2 = None
+        return vae
+    if encoders == 'cached':
         return {}
-    out = {'umT5-XXL (bf16, sharded)': T5_XXL_PARAMS * 2 / n_world,
-           'VAE (fp32, replicated)': VAE_PARAMS.get(arch['out_dim'], VAE_PARAMS[16]) * 4}
+    debug = model == 'debug'
+    out = {'debug umT5 (fp32)': (lambda: T5Encoder(**t5_configs['debug']), 4, False)} if debug else {
+        'umT5-XXL (bf16, sharded)': (lambda: T5Encoder(**t5_configs['umt5-xxl']), 2, True),
+        'VAE encoder (fp32, replicated)': (vae_encoder, 4, False)}
     if route != 'none':
-        from models.vjepa import VJEPA, configs as vjepa_configs
+        v = 'debug' if debug else vjepa_model
+        out[f'V-JEPA {v} (fp32, sharded)'] = (lambda: VJEPA(**vjepa_configs[v]), 4, True)
+    return out
+
+
+def encoder_bytes(arch, n_world):
+    """What train_dit.py keeps resident beside the DiT's own state, analytic (the tracker does not run them), per
+    GPU: the EMA, the frozen models and the projector."""
+    from models.vjepa import configs as vjepa_configs
+    out = {'EMA of the DiT (fp32, sharded)': param_count(arch) * 4 / n_world} if ema else {}
+    for name, (build, nbytes, sharded) in frozen_models(arch).items():
         with torch.device('meta'):
-            v = VJEPA(**vjepa_configs[vjepa_model])
-        out[f'V-JEPA {vjepa_model} (fp32, sharded)'] = sum(p.numel() for p in v.parameters()) * 4 / n_world
-        D = vjepa_configs[vjepa_model]['dim']
+            out[name] = sum(p.numel() for p in build().parameters()) * nbytes / (n_world if sharded else 1)
+    if route != 'none':
+        D = vjepa_configs['debug' if model == 'debug' else vjepa_model]['dim']
         n_proj = arch['dim'] * 2048 + 2048 * 2048 + 2048 * D + 2 * 2048 + D  # proj_dim 2048, as train_dit.py
         out['projector (fp32 + grads + AdamW, sharded)'] = n_proj * 16 / n_world
     return out
@@ -308,9 +335,10 @@ def plan_dit(arch, grid, n_world, B, amp, ckpt, use_opt, n_iter=2, fake=True):
     return snap['Total'], {getattr(k, 'value', k): v for k, v in snap.items() if k != 'Total' and v}
 
 
-def measure_dit(arch, grid, dev, B, amp, ckpt, use_opt, n_iter=2):
+def measure_dit(arch, grid, dev, B, amp, ckpt, use_opt, n_iter=2, resident=False):
     """The same steps for real in a 1-rank group (gloo on the CPU, nccl on a GPU): peak bytes allocated, counted from
-    an empty allocator (CUDA: max_memory_allocated; CPU: the profiler's allocator events over build + steps)."""
+    an empty allocator (CUDA: max_memory_allocated; CPU: the profiler's allocator events over build + steps).
+    resident: also the EMA and the frozen models, built for real beside the DiT."""
     import torch.distributed as dist
     was = dist.is_initialized()
     if not was:
@@ -320,6 +348,9 @@ def measure_dit(arch, grid, dev, B, amp, ckpt, use_opt, n_iter=2):
 
         def go():
             dit, opt, batch, step = build_step(arch, grid, dev, B, amp, ckpt, use_opt, mesh)
+            kept = [p.detach().clone() for p in dit.parameters()] if resident and ema else []
+            kept += [build().to(dev, torch.bfloat16 if nbytes == 2 else torch.float32)
+                     for build, nbytes, _ in frozen_models(arch).values()] if resident else []
             for _ in range(n_iter):
                 step()
         return peak_bytes(go, dev)
@@ -398,6 +429,10 @@ def main_plan(dev):
         real = measure_dit(arch, grid, dev, batch_size, use_amp, ckpt, optimizer)
         print(f'  measured on {dev.type} (1-rank {"nccl" if dev.type == "cuda" else "gloo"} group, same steps): '
               f'peak {fmt_gib(real)}; tracker estimate / measured = {peak / real:.3f}')
+        real = measure_dit(arch, grid, dev, batch_size, use_amp, ckpt, optimizer, resident=True)
+        est = peak + sum(v for k, v in enc.items() if not k.startswith('projector'))  # the projector is not built
+        print(f'  with the EMA and the frozen models built beside it: peak {fmt_gib(real)}; planner estimate / '
+              f'measured = {est / real:.3f}')
     return peak, peak + sum(enc.values())
 
 

@@ -2335,6 +2335,18 @@ def test_overlong_caption_warns_once_naming_the_clip(tiny, capsys):
     assert capsys.readouterr().out == ''
 
 
+def test_one_umt5_when_the_aligner_reads_the_dits_file(tmp_path):
+    from models.aligner import same_t5
+    name = 'models_t5_umt5-xxl-enc-bf16.pth'
+    for d in ('a', 'b', 'c'):
+        os.makedirs(tmp_path / d)
+    (tmp_path / 'a' / name).write_bytes(b'x')
+    os.link(tmp_path / 'a' / name, tmp_path / 'b' / name)  # the same file under another folder
+    (tmp_path / 'c' / name).write_bytes(b'x')  # an equal copy is another file: both are loaded
+    assert same_t5(str(tmp_path / 'a'), str(tmp_path / 'b')) and not same_t5(str(tmp_path / 'a'), str(tmp_path / 'c'))
+    assert not same_t5('', str(tmp_path / 'a'))
+
+
 # ---------------------------------------------------------------------------------------------- metrics
 
 def test_auroc_and_iou_by_hand():
@@ -3253,6 +3265,10 @@ def test_memory_plan_within_25_percent_of_a_real_cpu_run():
     # beside the measured peak for that).
     out, parts = plan_output('--world=1', '--measure=True', '--checkpointing=off', '--amp=on')
     ratio = float(re.search(r'tracker estimate / measured = ([\d.]+)', out).group(1))
+    assert 0.75 <= ratio <= 1.25, ratio
+    # the EMA and the frozen debug umT5 and V-JEPA, listed one line each and built for real beside the DiT
+    assert 'EMA of the DiT (fp32, sharded)' in out and 'debug umT5 (fp32)' in out and 'V-JEPA debug' in out
+    ratio = float(re.search(r'planner estimate / measured = ([\d.]+)', out).group(1))
     assert 0.75 <= ratio <= 1.25, ratio
     assert parts['Activation'] > 0.3 * sum(parts.values())  # the check is not just parameter counting
     out, _ = plan_output('--world=1', '--measure=True', '--checkpointing=on', '--amp=on')  # as the trainer on a GPU

@@ -209,7 +209,9 @@ def load_frozen(manifest, records, spec, mesh, dev, meta, tok_dir):
         raise SystemExit(f'route={route} weights token pairs by the Stage 1 saliency, but {aligner_ckpt or "no"} '
                          f'aligner_ckpt exists: run python train_aligner.py first (or point --aligner_ckpt at a run)')
     if route != 'none' and os.path.exists(aligner_ckpt):  # one frozen V-JEPA for every route: the aligner's
-        f.aligner, f.vjepa, f.a_t5, f.a_tok, a_cfg = load_aligner(aligner_ckpt, dev, text=route in SALIENT)
+        f.aligner, f.vjepa, f.a_t5, f.a_tok, a_cfg = load_aligner(
+            aligner_ckpt, dev, text=route in SALIENT, share=(ckpt_dir, f.t5, f.tok) if ckpt_dir else None,
+            prepare_t5=lambda m: parallel.shard_frozen(m, mesh, m.blocks))
         f.a_len = a_cfg['text_len']
         theirs = (a_cfg['vjepa_model'], a_cfg['vjepa_ckpt'])
         if (vjepa_model, vjepa_ckpt) not in (('debug', ''), theirs):
@@ -229,10 +231,8 @@ def load_frozen(manifest, records, spec, mesh, dev, meta, tok_dir):
             raise SystemExit(f'vjepa_model={vjepa_model} needs vjepa_ckpt=<its official .pt file>')
         else:
             f.vjepa = load_vjepa(vjepa_ckpt, vjepa_model, dev)
-    if route != 'none':  # the frozen V-JEPA and the aligner's umT5 sharded like the DiT
+    if route != 'none':  # the frozen V-JEPA sharded like the DiT
         f.vjepa = parallel.shard_frozen(f.vjepa.to(dev), mesh, f.vjepa.blocks)
-        if f.aligner is not None:
-            f.a_t5 = parallel.shard_frozen(f.a_t5, mesh, f.a_t5.blocks)
     return f
 
 

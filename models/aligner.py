@@ -191,9 +191,10 @@ def auroc(scores, labels):
 
 # ---------------------------------------------------------------------------------------------- loading
 
-def load_encoders(c, dev, tok_path, saved=None, text=True):
+def load_encoders(c, dev, tok_path, saved=None, text=True, prepare_t5=None):
     """Frozen V-JEPA, umT5 and tokenizer as the settings c say; the random debug ones come from c['seed'], or from
-    a checkpoint's copies (`saved`). text=False: the V-JEPA alone (umT5 and tokenizer None)."""
+    a checkpoint's copies (`saved`). text=False: the V-JEPA alone (umT5 and tokenizer None). prepare_t5(module)
+    shards umT5 before its weights are read (as in checkpoint.load_dit)."""
     if c['vjepa_model'] not in vjepa_configs:
         raise SystemExit(f"unknown vjepa_model '{c['vjepa_model']}'; choose one of {', '.join(vjepa_configs)}")
     if c['vjepa_ckpt']:
@@ -208,14 +209,14 @@ def load_encoders(c, dev, tok_path, saved=None, text=True):
     if not text:
         return vjepa, None, None
     if c['ckpt_dir']:
-        t5 = load_t5(os.path.join(c['ckpt_dir'], 'models_t5_umt5-xxl-enc-bf16.pth'), dev)
+        t5 = load_t5(os.path.join(c['ckpt_dir'], 'models_t5_umt5-xxl-enc-bf16.pth'), dev, prepare=prepare_t5)
         tok = Tokenizer(os.path.join(c['ckpt_dir'], 'google', 'umt5-xxl'))
     else:
         t5 = T5Encoder(**t5_configs['debug']).eval().requires_grad_(False)
         t5.init_weights(c['seed'])
         if saved is not None and 't5' in saved:
             t5.load_state_dict(saved['t5'])
-        t5.to(dev)
+        t5 = t5.to(dev) if prepare_t5 is None else prepare_t5(t5.to(dev))
         tok = Tokenizer(tok_path)
     return vjepa, t5, tok
 
@@ -228,12 +229,22 @@ def read_aligner_ckpt(path, what='aligner_ckpt'):
                             '(python train_aligner.py) or point at another run')
 
 
-def load_aligner(path, dev, text=True):
+def same_t5(a, b):
+    """Whether two official folders hold the same umT5 file (one copy of it is enough)."""
+    files = [os.path.join(d, 'models_t5_umt5-xxl-enc-bf16.pth') if d else '' for d in (a, b)]
+    return all(os.path.exists(f) for f in files) and os.path.samefile(*files)
+
+
+def load_aligner(path, dev, text=True, share=None, prepare_t5=None):
     """A train_aligner.py run, frozen: (aligner, V-JEPA, umT5, tokenizer, its settings), the encoders being the ones
-    it was trained with (text=False: without umT5 and tokenizer)."""
+    it was trained with (text=False: without umT5 and tokenizer). share = (ckpt_dir, umT5, tokenizer) already
+    loaded: used instead of a second copy when the run's umT5 is that folder's file."""
     ckpt = read_aligner_ckpt(path)
+    shared = share is not None and same_t5(ckpt['config']['ckpt_dir'], share[0])
     vjepa, t5, tok = load_encoders(ckpt['config'], dev, os.path.join(os.path.dirname(path), 'tokenizer.json'), ckpt,
-                                   text)
+                                   text and not shared, prepare_t5)
+    if text and shared:
+        t5, tok = share[1], share[2]
     aligner = Aligner(**ckpt['arch'])
     load_state_dict(aligner, ckpt['aligner'], path)
     return aligner.to(dev).eval().requires_grad_(False), vjepa, t5, tok, ckpt['config']
