@@ -115,17 +115,29 @@ def seq_shard(x, group, dim=1):
     return x.chunk(group.size(), dim)[group.rank()]
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward makes the gradient contiguous: torch 2.11's collectives refuse a strided one."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 def seq_gather(x, group, n, dim=1):
     """All sp ranks' chunks joined along dim and the padding cut to n; backward: sum reduce-scatter."""
     if group is None:
         return x
     x = funcol.all_gather_tensor_autograd(x.movedim(dim, 0).contiguous(), 0, group)  # torch 2.11 has this one too
-    return funcol.wait_tensor(x).movedim(0, dim).narrow(dim, 0, n)
+    return _ContiguousGrad.apply(funcol.wait_tensor(x)).movedim(0, dim).narrow(dim, 0, n)
 
 
 def _all_to_all(x, group):
     """Chunk i of dim 0 goes to rank i; the chunk from rank j lands at j. Autograd: the backward is the same swap."""
-    return funcol.wait_tensor(funcol.all_to_all_single_autograd(x.contiguous(), None, None, group))
+    x = funcol.all_to_all_single_autograd(x.contiguous(), None, None, group)
+    return _ContiguousGrad.apply(funcol.wait_tensor(x))
 
 
 def seq_to_heads(x, group):
