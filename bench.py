@@ -7,6 +7,7 @@ per-GPU memory planner (torch's FSDP2 memory tracker under a fake process group,
     python bench.py --model=ti2v-5b --frames=121 --height=704 --width=1280 --blocks=10      # one GPU
     python bench.py --plan=True --model=t2v-a14b --frames=81 --height=720 --width=1280 --world=8 --sp=4
     python bench.py --plan=True --measure=True --model=debug --blocks=2 --world=1  # estimate, then run it for real
+    python bench.py --check=True --out=gpu_check       # the project's GPU check on one GPU: one summary table
 
 Model FLOPs are counted from the blocks' matmuls (see dit_flops); MFU = model FLOPs / step time / peak, where the
 peak is a big bf16 matmul timed here (on the CPU: fp32, the dtype the CPU runs). Recomputation under activation
@@ -15,6 +16,7 @@ checkpointing is not counted as model FLOPs (the usual MFU convention), so check
 import contextlib
 import gc
 import math
+import os
 import sys
 import time
 
@@ -58,6 +60,8 @@ amp_cache = False              # planner: autocast's cache of bf16 weight casts 
 measure = False                # planner: also run the same config for real at world 1 and print measured vs estimated
 device = 'auto'                # auto = cuda when available, else cpu
 seed = 0                       # seeds weights and inputs
+check = False                  # the GPU check: this bench at the TI2V-5B shape, then a toy run, resume, export, samples
+out = 'gpu_check'              # check: the folder of its runs, logs and summary.txt
 
 cfg = configure(globals(), __file__, None if __name__ == '__main__' else [])  # imported (tests): the defaults
 
@@ -679,13 +683,88 @@ def main_bench(dev):
         print_planner_beside(arch, grid, ckpt, dit_r['mem_ours'])
 
 
+# ---------------------------------------------------------------------------------------------- the GPU check
+
+def step(name, args, log):
+    """One command of the check, its output appended to log: (name, ok, seconds, output)."""
+    import subprocess
+    t0 = time.time()
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True)
+    with open(log, 'a') as f:
+        f.write(f'$ python {" ".join(args)}\n{r.stdout}{r.stderr}\n')
+    return name, r.returncode == 0, time.time() - t0, r.stdout + r.stderr
+
+
+def last(pattern, text, default='-'):
+    """The last match of pattern's group 1 in text."""
+    import re
+    found = re.findall(pattern, text)
+    return found[-1] if found else default
+
+
+# what the summary takes from each step's output: {label: regex of the value}
+CHECK_NUMBERS = {
+    'bench': {'DiT fwd+bwd': r'DiT forward\+backward[^|]*\|\s*([\d.,]+ ms)',
+              'against diffusers': r'([\d.]+x) \(diffusers / ours\)', 'MFU': r'MFU[^|]*\|\s*([\d.]+%)',
+              'peak': r'peak memory \(weights[^|]*\|\s*([\d.]+ [GM]iB)',
+              'planner/measured': r'estimate / measured = ([\d.]+)'},
+    'train': {'loss': r'loss ([\d.]+)', 'step': r'([\d.]+ ms/iter)', 'peak': r'peak (?:mem|RSS) ([\d.]+ GiB)'},
+    'sample': {'': r'wrote (.*?):'},
+}
+
+
+def check_runs(dev, folder):
+    """The check's commands: on CUDA the TI2V-5B shape and a toy run of about 10k tokens per clip; elsewhere the
+    same steps at toy sizes (a dry run of the check itself)."""
+    gpu = dev.type == 'cuda'
+    shape = (['--model=ti2v-5b', '--blocks=2', '--frames=121', '--height=704', '--width=1280'] if gpu else
+             ['--model=debug', '--blocks=2', '--iters=1', '--naive_max=0'])
+    toy = (['--frames=17', '--height=176', '--width=176', '--batch_size=2'] if gpu else
+           ['--frames=9', '--height=16', '--width=16', '--batch_size=2', '--proj_dim=64'])
+    run_dir, log = os.path.join(folder, 'run'), os.path.join(folder, 'log.txt')
+    n = 10 if gpu else 2  # iterations between checkpoints
+    train = ['train_dit.py', *toy, '--route=uniform', "--aligner_ckpt=", f'--log_interval={n}', f'--out_dir={run_dir}']
+    sample = ['sample.py', f'--out_dir={run_dir}', '--steps=10' if gpu else '--steps=2']
+    torchrun = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1']
+    return log, [('bench (DiT fwd+bwd against diffusers)', ['bench.py', *shape]),
+                 ('train (FSDP2, TRD, EMA, checkpoint)', [*train, f'--max_iters={2 * n}', f'--ckpt_interval={n}']),
+                 ('resume and export', [*train, f'--max_iters={3 * n}', '--init_from=resume',
+                                        f'--export_dir={os.path.join(folder, "export")}']),
+                 ('sample (python)', [*sample, f'--out={folder}/python.mp4']),
+                 ('sample (torchrun, 1 process)', [*torchrun, *sample, f'--out={folder}/torchrun.mp4'])]
+
+
+def main_check(dev):
+    """Every step of the check in order, then one table: what ran, whether it passed, its time and its numbers."""
+    os.makedirs(out, exist_ok=True)
+    log, steps = check_runs(dev, out)
+    rows = []
+    for name, args in steps:
+        name, ok, seconds, text = step(name, args, log)
+        kind = 'bench' if name.startswith('bench') else 'train' if name.startswith(('train', 'resume')) else 'sample'
+        what = ', '.join(f'{k} {last(p, text)}' for k, p in CHECK_NUMBERS[kind].items())
+        rows.append((name, 'ok' if ok else 'FAILED', f'{seconds:.0f} s', what))
+    videos = [os.path.join(out, f'{k}.mp4') for k in ('python', 'torchrun')]
+    if all(os.path.exists(v) for v in videos):  # the mp4 writer is deterministic: equal frames, equal bytes
+        same = open(videos[0], 'rb').read() == open(videos[1], 'rb').read()
+        rows.append(('python and torchrun videos equal', 'ok' if same else 'FAILED', '-', 'byte for byte'))
+    table = [f'GPU check on {torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (dry run)"}, '
+             f'torch {torch.__version__}; commands and output: {log}'] + \
+            [f'  {n:<36} {s:<7} {t:>6}  {w}' for n, s, t, w in rows]
+    print('\n'.join(table))
+    with open(os.path.join(out, 'summary.txt'), 'w') as f:
+        f.write('\n'.join(table) + '\n')
+    if any(r[1] != 'ok' for r in rows):
+        raise SystemExit(f'the GPU check failed: see {log}')
+
+
 def main():
     from models.parallel import pick_device
     dev = pick_device(device)
     if dev.type == 'cuda':
         torch.cuda.set_device(dev)
     t0 = time.time()
-    main_plan(dev) if plan else main_bench(dev)
+    main_check(dev) if check else main_plan(dev) if plan else main_bench(dev)
     print(f'bench.py took {time.time() - t0:.0f} s')
 
 

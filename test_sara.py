@@ -3244,6 +3244,18 @@ def test_dit_flops_match_torch_flop_counter(monkeypatch):
     assert counter.get_total_flops() == dit_flops(arch, L)
 
 
+def test_the_gpu_check_runs_dry_on_the_cpu(tmp_path):
+    """bench.py --check=True: on a GPU the project's GPU check; here the same steps at toy sizes, and its table."""
+    r = run('bench.py', '--check=True', f'--out={tmp_path}/c', env={'CUDA_VISIBLE_DEVICES': ''})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    summary = (tmp_path / 'c' / 'summary.txt').read_text()
+    for row in ('bench (DiT fwd+bwd against diffusers)', 'train (FSDP2, TRD, EMA, checkpoint)', 'resume and export',
+                'sample (python)', 'sample (torchrun, 1 process)', 'python and torchrun videos equal'):
+        assert re.search(rf'{re.escape(row)}\s+ok', summary), summary
+    assert re.search(r'against diffusers [\d.]+x, MFU [\d.]+%', summary), summary
+    assert (tmp_path / 'c' / 'export' / 'config.json').exists()
+
+
 def plan_output(*args):
     r = run('bench.py', '--plan=True', '--model=debug', '--blocks=2', '--frames=9', '--height=64', '--width=64', *args)
     assert r.returncode == 0, r.stderr
