@@ -27,8 +27,7 @@ from models.t5 import encode
 
 videos = ''                    # a manifest .jsonl whose clips (with their captions) are judged
 out = ''                       # write the per-video results and the summary here as JSON ('' = print only)
-colour_dist = 40.0             # RGB distance to an entity's colour that still counts as it (mp4 is lossy;
-                               # the closest pair, yellow/orange, is 71 apart)
+colour_dist = 40.0             # RGB distance counted as an entity's colour (mp4 is lossy; the closest two are 71 apart)
 min_share = 0.6                # one blob must hold this share of the colour's pixels: one object, not specks
 min_pixels = 4                 # and at least this many pixels
 grey_spread = 40.0             # mean max-min channel spread of the background that scores 0
@@ -37,10 +36,7 @@ seeds = 2                      # samples per caption and run (sample.py seeds in
 steps = 0                      # sampling steps for runs (0 = sample.py's default)
 size = ''                      # sampling size 'W*H' for runs ('' = the run's clip size)
 guidance = 0.0                 # classifier-free guidance for runs (0 = sample.py's default for a run)
-words = False                  # with runs: also how far each run's x0 estimate moves when the caption's first shape,
-                               # direction or colour word is swapped, or the caption dropped (mean |change| over the
-                               # clips, noised to sigma 0.9 / 0.6 / 0.3): a word the DiT does not read moves it little;
-                               # and how far its seed-0 samples move on those swaps against a new seed (of 255)
+words = False                  # with runs: also how far each run's x0 estimate and samples move on a word swap
 
 cfg = configure(globals(), __file__)
 
@@ -84,6 +80,40 @@ def find(frame_mask, labels):
     return blob, counts[k] / box
 
 
+def centres(near, shape):
+    """Centroids (x, y) of the colour's dominant blob in the frames where its fill names the shape; near [T, H, W]."""
+    labels = components(near)
+    out = []
+    for t in range(len(near)):
+        hit = find(near[t], labels[t])
+        if hit is None:
+            continue
+        blob, fill = hit
+        if min(FILL, key=lambda s: abs(FILL[s] - fill)) == shape:
+            ys, xs = np.nonzero(blob)
+            out.append((xs.mean(), ys.mean()))
+    return out
+
+
+def moves(centres_, direction):
+    """Whether the travel from the first centroid to the last points the named way, by a pixel at least."""
+    if len(centres_) < 2:
+        return False
+    d = np.subtract(centres_[-1], centres_[0])  # (dx, dy), image y grows downwards like MOVES'
+    axis = int(abs(d[1]) > abs(d[0]))
+    want = MOVES[direction]
+    return want[axis] != 0 and np.sign(d[axis]) == want[axis] and abs(d[axis]) >= 1
+
+
+def background_score(video, near_any):
+    """1 for a grey background, 0 at a mean channel spread of grey_spread; near_any: the entities' colour pixels."""
+    # edges of shapes blend into the floor (yuv420 halves chroma): leave a 2-pixel ring out of the background
+    ring = F.max_pool2d(torch.from_numpy(near_any)[:, None].float(), 5, 1, 2)[:, 0].numpy() > 0
+    rest = video[~ring].astype(np.int16)
+    channel_spread = (rest.max(-1) - rest.min(-1)).mean() if len(rest) else grey_spread
+    return float(1 - min(1.0, channel_spread / grey_spread))
+
+
 def judge(video, caption):
     """video uint8 [T, H, W, 3] (as decord returns it), a toy caption -> dict of scores in [0, 1]."""
     entities, background = parse(caption)
@@ -93,31 +123,12 @@ def judge(video, caption):
     for colour, shape, direction in entities:
         near = np.linalg.norm(x - np.float32(COLOURS[colour]), axis=-1) < colour_dist
         near_any |= near
-        labels = components(near)
-        centres = []
-        for t in range(len(video)):
-            hit = find(near[t], labels[t])
-            if hit is None:
-                continue
-            blob, fill = hit
-            if min(FILL, key=lambda s: abs(FILL[s] - fill)) == shape:
-                ys, xs = np.nonzero(blob)
-                centres.append((xs.mean(), ys.mean()))
-        present.append(len(centres) / len(video))
-        ok = False
-        if len(centres) >= 2:
-            d = np.subtract(centres[-1], centres[0])  # (dx, dy), image y grows downwards like MOVES'
-            axis = int(abs(d[1]) > abs(d[0]))
-            want = MOVES[direction]
-            ok = want[axis] != 0 and np.sign(d[axis]) == want[axis] and abs(d[axis]) >= 1
-        moved.append(float(ok))
+        found = centres(near, shape)
+        present.append(len(found) / len(video))
+        moved.append(float(moves(found, direction)))
         each.append(dict(entity=f"{colour} {shape} moves {direction}", present=present[-1], direction=moved[-1]))
-    # edges of shapes blend into the floor (yuv420 halves chroma): leave a 2-pixel ring out of the background
-    ring = F.max_pool2d(torch.from_numpy(near_any)[:, None].float(), 5, 1, 2)[:, 0].numpy() > 0
-    rest = video[~ring].astype(np.int16)
-    spread = (rest.max(-1) - rest.min(-1)).mean() if len(rest) else grey_spread
     scores = dict(entity=float(np.mean(present)), direction=float(np.mean(moved)),
-                  background=float(1 - min(1.0, spread / grey_spread)))
+                  background=background_score(video, near_any))
     scores['score'] = float(np.mean(list(scores.values())))
     return dict(scores, background_text=background, entities=each)
 
@@ -222,23 +233,33 @@ def word_effects(folder, recs):
     return {k: {s: float(np.mean(v)) for s, v in per.items()} for k, per in out.items()}
 
 
+def judge_runs(recs):
+    """{run: [per seed: the judge's results]} of every run in --runs, sampled on the captions of recs."""
+    return {folder: [judge_files(items, show=False) for items in sample_run(folder, [r['caption'] for r in recs])]
+            for folder in filter(None, runs.split(','))}
+
+
+def print_table(table, n_videos):
+    """The score means +- their spread: one line for the real clips alone, else a table with a row per run."""
+    if runs:
+        print(f"{'':<24}" + ''.join(f'{k:>16}' for k in KEYS) +
+              f'   (real clips: +- over videos; runs: over {seeds} seeds)')
+    for name, row in table.items():
+        print((f'{name:<24}' if runs else f'mean over {n_videos} videos: ') +
+              ''.join(f"{row[k]['mean']:>9.3f} +- {row[k]['std']:.3f}" if runs else
+                      f"{k} {row[k]['mean']:.3f} +- {row[k]['std']:.3f} " for k in KEYS).rstrip())
+
+
 def main():
     if not videos:
         raise ValueError("nothing to judge: pass --videos=<manifest.jsonl>")
     recs = read_manifest(videos)
     real = judge_files([(r['video'], r['caption']) for r in recs], show=not runs)
-    table = {'real clips': spread([[r] for r in real])}  # spread over videos
-    judged = {}
-    for folder in filter(None, runs.split(',')):
-        per_seed = [judge_files(items, show=False) for items in sample_run(folder, [r['caption'] for r in recs])]
-        judged[folder], table[folder] = per_seed, spread(per_seed)  # spread over seeds
-    if runs:
-        print(f"{'':<24}" + ''.join(f'{k:>16}' for k in KEYS) + f'   (real clips: +- over videos; runs: over {seeds} seeds)')
-    for name, row in table.items():
-        print((f'{name:<24}' if runs else f'mean over {len(real)} videos: ') +
-              ''.join(f"{row[k]['mean']:>9.3f} +- {row[k]['std']:.3f}" if runs else
-                      f"{k} {row[k]['mean']:.3f} +- {row[k]['std']:.3f} " for k in KEYS).rstrip())
-    effects = {folder: word_effects(folder, recs) for folder in filter(None, runs.split(','))} if words else {}
+    judged = judge_runs(recs)
+    table = {'real clips': spread([[r] for r in real]),  # spread over videos
+             **{folder: spread(per_seed) for folder, per_seed in judged.items()}}  # spread over seeds
+    print_table(table, len(real))
+    effects = {folder: word_effects(folder, recs) for folder in judged} if words else {}
     for folder, per in effects.items():
         print(f'{folder}: mean |change| of the x0 estimate at sigma ' + ' / '.join(map(str, SIGMAS)) + ': ' +
               '; '.join(f"{k} {' / '.join(f'{v:.4f}' for v in e.values())}" for k, e in per.items()))

@@ -173,14 +173,46 @@ def fit(draw, text, width):
     return text + '...'
 
 
+def video_frames(video, th, tw):
+    """video [3, T, H, W] in [-1, 1] -> [T, th, tw, 3] pixel values in [0, 255], resized and cropped as the model's."""
+    return ((resize_crop(video.float().cpu(), th, tw) + 1) * 127.5).round().clamp(0, 255).permute(1, 2, 3, 0)
+
+
+def upsample(saliency, grid, th, tw):
+    """Saliency [N] on the token grid -> [T', th, tw] in [0, 1], bilinear."""
+    return F.interpolate(saliency.float().cpu().view(grid[0], 1, grid[1], grid[2]), size=(th, tw), mode='bilinear',
+                         align_corners=False)[:, 0].clamp(0, 1)
+
+
+def overlay(frame, s, mask):
+    """The frame with the query's mask (red) over it; without a mask, the heatmap of s over it, opaque where salient."""
+    if mask is None:
+        a = 0.7 * s.unsqueeze(-1)
+        return frame * (1 - a) + heat(s).float() * a
+    m = resize_crop(mask.float().cpu(), *frame.shape[:2]).clamp(0, 1).unsqueeze(-1)
+    return frame * (1 - 0.6 * m) + torch.tensor([255.0, 0.0, 0.0]) * 0.6 * m
+
+
+def cell(img, cw, ch):
+    """[h, w, 3] pixel values -> a cw x ch picture cell, enlarged without smoothing."""
+    return Image.fromarray(img.round().clamp(0, 255).to(torch.uint8).numpy()).resize((cw, ch), Image.NEAREST)
+
+
+def save_png(canvas, labels, path):
+    """Write canvas atomically, the labels, uncut, in its PNG text chunk 'labels' (JSON)."""
+    info = PngInfo()
+    info.add_text('labels', json.dumps(labels))
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    canvas.save(path + '.tmp', format='PNG', pnginfo=info)
+    os.replace(path + '.tmp', path)
+
+
 def picture(video, rows, grid, path):
-    """PNG grid: one row per query, its label in a text strip above picture_frames pairs of cells: the frame with the
-    query's mask (red) over it (without a mask: the heatmap over it, opaque where salient), and the saliency heatmap
-    upsampled (bilinear) from the token grid. video [3, T, H, W] in [-1, 1]; rows: (label, saliency [N]
-    probabilities, mask [T, H, W] or None). The labels, uncut, also go in the PNG text chunk 'labels' (JSON).
-    Written atomically. -> (width, height)"""
+    """PNG grid: one row per query, its label in a text strip above picture_frames pairs of cells: the overlay and the
+    saliency heatmap. video [3, T, H, W] in [-1, 1]; rows: (label, saliency [N] probabilities, mask [T, H, W] or
+    None). -> (width, height)"""
     T, th, tw = video.shape[1], 16 * grid[1], 16 * grid[2]
-    frames_ = ((resize_crop(video.float().cpu(), th, tw) + 1) * 127.5).round().clamp(0, 255).permute(1, 2, 3, 0)
+    frames_ = video_frames(video, th, tw)
     picks = np.linspace(0, T - 1, min(picture_frames, T)).round().astype(int)
     cw, ch = picture_zoom * tw, picture_zoom * th
     canvas = Image.new('RGB', (2 * len(picks) * (cw + GAP) - GAP, len(rows) * (LABEL + ch + GAP) - GAP), 'white')
@@ -188,25 +220,12 @@ def picture(video, rows, grid, path):
     for r, (label, saliency, mask) in enumerate(rows):
         y = r * (LABEL + ch + GAP)
         draw.text((2, y + 1), fit(draw, label, canvas.width - 4), fill='black')
-        sal = F.interpolate(saliency.float().cpu().view(grid[0], 1, grid[1], grid[2]), size=(th, tw),
-                            mode='bilinear', align_corners=False)[:, 0].clamp(0, 1)
+        sal = upsample(saliency, grid, th, tw)
         for i, f in enumerate(picks):
-            frame, s = frames_[f], sal[f * grid[0] // T]
-            hm = heat(s).float()
-            if mask is None:
-                a = 0.7 * s.unsqueeze(-1)
-                over = frame * (1 - a) + hm * a
-            else:
-                m = resize_crop(mask[f].float().cpu(), th, tw).clamp(0, 1).unsqueeze(-1)
-                over = frame * (1 - 0.6 * m) + torch.tensor([255.0, 0.0, 0.0]) * 0.6 * m
-            for j, img in enumerate((over, hm)):
-                cell = Image.fromarray(img.round().clamp(0, 255).to(torch.uint8).numpy())
-                canvas.paste(cell.resize((cw, ch), Image.NEAREST), ((2 * i + j) * (cw + GAP), y + LABEL))
-    info = PngInfo()
-    info.add_text('labels', json.dumps([r[0] for r in rows]))
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    canvas.save(path + '.tmp', format='PNG', pnginfo=info)
-    os.replace(path + '.tmp', path)
+            s = sal[f * grid[0] // T]
+            for j, img in enumerate((overlay(frames_[f], s, None if mask is None else mask[f]), heat(s).float())):
+                canvas.paste(cell(img, cw, ch), ((2 * i + j) * (cw + GAP), y + LABEL))
+    save_png(canvas, [r[0] for r in rows], path)
     return canvas.size
 
 
@@ -268,38 +287,44 @@ def saliency_task():
     print(f'wrote {path} ({size[0]}x{size[1]}), mean saliency {torch.sigmoid(logits.float()).mean():.3f}')
 
 
-def main():
-    mesh, dev = parallel.init(1, device)  # data parallel over every torchrun process (one rank for plain python)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    ddp = world > 1  # DDP, gathers and reductions only where there are other ranks
-    master = rank == 0
-    manifest = ensure_shapes('data/shapes') if data == 'shapes' else data
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    ckpt = read_aligner_ckpt(ckpt_path, 'init_from=resume') if init_from == 'resume' else None
+def open_loader(manifest, rank, world):
+    """This rank's share of the training clips."""
     try:
-        loader = ClipLoader(manifest, batch_size, frames, height, width, stride=frame_stride, rank=rank,
-                            world_size=world, seed=seed, skip_bad=skip_bad, num_workers=num_workers,
-                            ram=int(clip_ram * 2**30))
+        return ClipLoader(manifest, batch_size, frames, height, width, stride=frame_stride, rank=rank, world_size=world,
+                          seed=seed, skip_bad=skip_bad, num_workers=num_workers, ram=int(clip_ram * 2**30))
     except ValueError as err:
         raise SystemExit(str(err))
-    tok_path = os.path.join(out_dir, 'tokenizer.json')  # task=saliency and Stage 2 read it from the run
+
+
+def load_frozen(manifest, records, ckpt, dev, master):
+    """The frozen encoders and their token grid; without ckpt_dir a toy tokenizer is written into the run first."""
     if master and not ckpt_dir:
-        toy_tokenizer(manifest, loader.records, out_dir)
+        toy_tokenizer(manifest, records, out_dir)
     dist.barrier()
+    tok_path = os.path.join(out_dir, 'tokenizer.json')  # task=saliency and Stage 2 read it from the run
     vjepa, t5, tok = load_encoders(cfg, dev, tok_path, ckpt)
     try:
         grid = vjepa.token_grid(frames, height, width)
     except ValueError as err:
         raise SystemExit(f'--frames={frames} --height={height} --width={width}: {err}')
-    has = ['text_embedding' in r for r in loader.records]
+    return Frozen(vjepa, t5, tok, grid, dev)
+
+
+def text_embedding_dim(records):
+    """Width of the manifest's caption embeddings, or None where no clip has one (InfoNCE then uses pooled umT5)."""
+    has = ['text_embedding' in r for r in records]
     if any(has) and not all(has):
-        r = loader.records[has.index(False)]
+        r = records[has.index(False)]
         raise SystemExit(f"{r['manifest']} line {r['line']} has no text_embedding but other clips do; give every clip "
                          f"one, or none (then InfoNCE uses pooled umT5 caption features)")
-    embed_dim = int(np.load(loader.records[0]['text_embedding'], mmap_mode='r').size) if all(has) else None
-    text_dim = t5.norm.weight.shape[0]
-    arch = dict(video_dim=vjepa.patch_embed.proj.out_channels, text_dim=text_dim, dim=dim, heads=heads, depth=depth,
-                embed_dim=embed_dim)
+    return int(np.load(records[0]['text_embedding'], mmap_mode='r').size) if all(has) else None
+
+
+def build_aligner(frozen, embed_dim, ckpt, dev):
+    """The aligner, from the seed or the checkpoint's weights, in train mode; and its arch."""
+    arch = dict(video_dim=frozen.vjepa.patch_embed.proj.out_channels, text_dim=frozen.t5.norm.weight.shape[0], dim=dim,
+                heads=heads, depth=depth, embed_dim=embed_dim)
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if ckpt is not None and ckpt['arch'] != arch:
         raise SystemExit(f'init_from=resume: {ckpt_path} holds an aligner {ckpt["arch"]}, the settings give {arch}; '
                          f'resume with the settings of that run (see {out_dir}/config.json)')
@@ -307,132 +332,182 @@ def main():
     aligner = Aligner(**arch)
     if ckpt is not None:
         load_state_dict(aligner, ckpt['aligner'], ckpt_path)
-    aligner.to(dev).train()
-    model = torch.nn.parallel.DistributedDataParallel(aligner, device_ids=[dev] if dev.type == 'cuda' else None) \
-        if ddp else aligner
-    opt = adamw(aligner.parameters(), learning_rate, weight_decay)
-    it, history = 0, []
-    if ckpt is not None:
-        opt.load_state_dict(ckpt['optimizer'])
-        loader.load_state_dict(ckpt['loader'])
-        torch.set_rng_state(ckpt['rng'])
-        it = ckpt['iter']
-    frozen = Frozen(vjepa, t5, tok, grid, dev)
+    return aligner.to(dev).train(), arch
 
+
+def resume(ckpt, opt, loader):
+    """Optimizer, data order and RNG as the checkpoint left them -> the iteration to continue from (0: scratch)."""
+    if ckpt is None:
+        return 0
+    opt.load_state_dict(ckpt['optimizer'])
+    loader.load_state_dict(ckpt['loader'])
+    torch.set_rng_state(ckpt['rng'])
+    return ckpt['iter']
+
+
+def load_val(manifest, records, grid):
+    """val.jsonl beside the manifest and the baseline's position prior, or (None, None) with a note without it."""
     val_path = os.path.join(os.path.dirname(manifest), 'val.jsonl')
-    val, base = None, None
+    if not os.path.exists(val_path):
+        print(f'note: no {val_path}: no evaluation')
+        return None, None
+    try:
+        val = read_manifest(val_path, skip_bad)
+    except ValueError as err:
+        raise SystemExit(str(err))
+    return val, baseline(records, grid)
+
+
+def read_history(it):
+    """The resumed run's evaluations up to iteration it."""
+    path = os.path.join(out_dir, 'metrics.json')
+    return [h for h in json.load(open(path))['history'] if h['iter'] <= it] if os.path.exists(path) else []
+
+
+def all_sum(x, world):
+    """x summed over the ranks, in place."""
+    if world > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def batch_queries(batch, grid, noted):
+    """The queries of a batch: the clip each asks, its text and clip name, and the BCE targets [Q (+ B), N]: the K+2
+    queries' rows, then with caption_bce the full captions' (the union mask). Clips without entities are noted once."""
+    clip_of, texts, names, targets, caption_targets = [], [], [], [], []
+    for b in range(len(batch['caption'])):
+        where = batch['where'][b]
+        if not batch['entity_captions'][b] and where not in noted:
+            noted.add(where)
+            print(f"note: {where} has no entities: it is asked one query, its background (else its caption), with "
+                  f"every token salient (add entities with masks to supervise saliency)")
+        _, t, m = build_queries(batch['entity_captions'][b], batch['masks'][b], batch['background'][b],
+                                batch['caption'][b])
+        clip_of += [b] * len(t)
+        texts += t
+        names += [where] * len(t)
+        targets.append(mask_targets(m, grid))
+        if caption_bce:
+            masks = batch['masks'][b]
+            union = 1 - torch.prod(1 - masks, dim=0, keepdim=True) if len(masks) else m[:1]
+            caption_targets.append(mask_targets(union, grid))
+    return clip_of, texts, names, torch.cat(targets + caption_targets)
+
+
+def caption_embeddings(aligner, batch, text, mask, embed_dim):
+    """InfoNCE's caption side [B, E]: the manifest's text embeddings, else the aligner's projection of the captions'
+    pooled umT5 features (text, mask)."""
+    if embed_dim is None:
+        return aligner.embed_text(text, mask).float()
+    bad = [w for w, e in zip(batch['where'], batch['text_embedding']) if e.numel() != embed_dim]
+    if bad:
+        raise SystemExit(f'{bad[0]}: its text_embedding has another width than the first clip\'s {embed_dim}')
+    return F.normalize(torch.stack(batch['text_embedding']).to(text.device), dim=-1)
+
+
+def gather_batch(g, c, captions, world):
+    """Every rank's embeddings and captions, in rank order: InfoNCE over the global batch."""
+    g, c = Gather.apply(g), Gather.apply(c)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, captions)
+    return g, c, [x for part in gathered for x in part]
+
+
+def train_step(model, aligner, opt, frozen, batch, lr, world, embed_dim, noted):
+    """One optimizer step on a batch -> (BCE mean, InfoNCE, queries), BCE and queries over the global batch."""
+    dev, grid, B = frozen.dev, frozen.grid, len(batch['caption'])
+    with torch.no_grad():
+        tokens = frozen.video(batch['video'])
+        clip_of, texts, names, targets = batch_queries(batch, grid, noted)
+        Q, targets = len(texts), targets.to(dev)  # targets: the rows of the queries that BCE sees
+        text, mask = frozen.text(texts + batch['caption'], names + batch['where'], text_len)
+        count = all_sum(torch.tensor([float(targets.numel())], device=dev), world)
+    for group in opt.param_groups:
+        group['lr'] = lr
+    with frozen.autocast:
+        logits, emb = model(tokens[clip_of + list(range(B))], grid, text, mask)
+    bce_sum = F.binary_cross_entropy_with_logits(logits[:len(targets)].float(), targets, reduction='sum')
+    bce = bce_sum / count[0] * world  # DDP averages gradients: this makes them those of the global mean
+    g, c = emb[Q:].float(), caption_embeddings(aligner, batch, text[Q:], mask[Q:], embed_dim)
+    captions = batch['caption']
+    if world > 1:
+        g, c, captions = gather_batch(g, c, captions, world)
+    nce = info_nce(g, c, captions, temperature)
+    loss = bce_weight * bce + nce_weight * nce
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(aligner.parameters(), grad_clip)
+    opt.step()
+    summed = all_sum(torch.stack([bce_sum.detach() / count[0], torch.tensor(float(Q + B), device=dev)]), world)
+    return summed[0].item(), nce.item(), summed[1].item()
+
+
+def evaluate_and_log(aligner, frozen, val, base, it, history):
+    """Evaluate, add the result to out_dir/metrics.json's history and print the scores beside the baseline's."""
+    m = dict(iter=it, **evaluate(aligner, frozen, val, base, frozen.grid, it))
+    history.append(m)
+    path = os.path.join(out_dir, 'metrics.json')
+    with open(path + '.tmp', 'w') as f:
+        json.dump(dict(m, history=history), f, indent=2)
+    os.replace(path + '.tmp', path)
+    u = m.get('union')
+    if u:
+        print(f"eval {it}: union IoU {u['iou']:.3f} (baseline {u['baseline_iou']:.3f}), AUROC {u['auroc']:.3f} "
+              f"(baseline {u['baseline_auroc']:.3f}); " +
+              ', '.join(f"{k} IoU {v['iou']:.3f} AUROC {v['auroc']:.3f}" for k, v in m.items()
+                        if k not in ('iter', 'union') and v['auroc'] is not None), flush=True)
+
+
+def save_ckpt(aligner, opt, loader, it, arch, frozen):
+    """Everything resume needs, with the random debug encoders' weights so that the run is self-contained."""
+    atomic_save({'aligner': aligner.state_dict(), 'optimizer': opt.state_dict(), 'loader': loader.state_dict(),
+                 'rng': torch.get_rng_state(), 'iter': it, 'config': cfg, 'arch': arch, 'grid': frozen.grid,
+                 **({} if vjepa_ckpt else {'vjepa': frozen.vjepa.state_dict()}),
+                 **({} if ckpt_dir else {'t5': frozen.t5.state_dict()})}, os.path.join(out_dir, 'ckpt.pt'))
+
+
+def main():
+    _, dev = parallel.init(1, device)  # data parallel over every torchrun process (one rank for plain python)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    master = rank == 0
+    manifest = ensure_shapes('data/shapes') if data == 'shapes' else data
+    ckpt = read_aligner_ckpt(os.path.join(out_dir, 'ckpt.pt'), 'init_from=resume') if init_from == 'resume' else None
+    loader = open_loader(manifest, rank, world)
+    frozen = load_frozen(manifest, loader.records, ckpt, dev, master)
+    embed_dim = text_embedding_dim(loader.records)
+    aligner, arch = build_aligner(frozen, embed_dim, ckpt, dev)
+    model = torch.nn.parallel.DistributedDataParallel(aligner, device_ids=[dev] if dev.type == 'cuda' else None) \
+        if world > 1 else aligner  # DDP only where there are other ranks
+    opt = adamw(aligner.parameters(), learning_rate, weight_decay)
+    it = resume(ckpt, opt, loader)
+    val, base, history = None, None, []
     if master:
         save_config(cfg, out_dir)
-        if os.path.exists(val_path):
-            try:
-                val = read_manifest(val_path, skip_bad)
-            except ValueError as err:
-                raise SystemExit(str(err))
-            base = baseline(loader.records, grid)
-        else:
-            print(f'note: no {val_path}: no evaluation')
-        metrics_path = os.path.join(out_dir, 'metrics.json')
-        if ckpt is not None and os.path.exists(metrics_path):
-            history = [h for h in json.load(open(metrics_path))['history'] if h['iter'] <= it]
+        val, base = load_val(manifest, loader.records, frozen.grid)
+        history = read_history(it) if ckpt is not None else []
 
-    def save():
-        atomic_save({'aligner': aligner.state_dict(), 'optimizer': opt.state_dict(), 'loader': loader.state_dict(),
-                     'rng': torch.get_rng_state(), 'iter': it, 'config': cfg, 'arch': arch, 'grid': grid,
-                     **({} if vjepa_ckpt else {'vjepa': vjepa.state_dict()}),
-                     **({} if ckpt_dir else {'t5': t5.state_dict()})}, ckpt_path)
-
-    def run_eval():
-        m = dict(iter=it, **evaluate(aligner, frozen, val, base, grid, it))
-        history.append(m)
-        with open(metrics_path + '.tmp', 'w') as f:
-            json.dump(dict(m, history=history), f, indent=2)
-        os.replace(metrics_path + '.tmp', metrics_path)
-        u = m.get('union')
-        if u:
-            print(f"eval {it}: union IoU {u['iou']:.3f} (baseline {u['baseline_iou']:.3f}), AUROC {u['auroc']:.3f} "
-                  f"(baseline {u['baseline_auroc']:.3f}); " +
-                  ', '.join(f"{k} IoU {v['iou']:.3f} AUROC {v['auroc']:.3f}" for k, v in m.items()
-                            if k not in ('iter', 'union') and v['auroc'] is not None), flush=True)
-
-    noted = set()
-    batches = iter(loader)
+    noted, batches = set(), iter(loader)
     sums, n_logged, t0 = np.zeros(3), 0, time.time()
     while it < max_iters:
-        batch = next(batches)
-        B = len(batch['caption'])
-        with torch.no_grad():
-            tokens = frozen.video(batch['video'])
-            clip_of, texts, names, targets, caption_targets = [], [], [], [], []
-            for b in range(B):
-                if not batch['entity_captions'][b] and batch['where'][b] not in noted:
-                    noted.add(batch['where'][b])
-                    print(f"note: {batch['where'][b]} has no entities: it is asked one query, its background (else "
-                          f"its caption), with every token salient (add entities with masks to supervise saliency)")
-                _, t, m = build_queries(batch['entity_captions'][b], batch['masks'][b], batch['background'][b],
-                                        batch['caption'][b])
-                clip_of += [b] * len(t)
-                texts += t
-                names += [batch['where'][b]] * len(t)
-                targets.append(mask_targets(m, grid))
-                if caption_bce:
-                    masks = batch['masks'][b]
-                    union = 1 - torch.prod(1 - masks, dim=0, keepdim=True) if len(masks) else m[:1]
-                    caption_targets.append(mask_targets(union, grid))
-            Q = len(texts)
-            targets = torch.cat(targets + caption_targets).to(dev)  # rows of the queries that BCE sees
-            text, mask = frozen.text(texts + batch['caption'], names + batch['where'], text_len)
-            count = torch.tensor([float(targets.numel())], device=dev)
-            if ddp:
-                dist.all_reduce(count)
         lr = lr_at(it, learning_rate, warmup_iters, lr_decay_iters, lr_floor)
-        for group in opt.param_groups:
-            group['lr'] = lr
-        with frozen.autocast:
-            logits, emb = model(tokens[clip_of + list(range(B))], grid, text, mask)
-        bce_sum = F.binary_cross_entropy_with_logits(logits[:len(targets)].float(), targets, reduction='sum')
-        bce = bce_sum / count[0] * world  # DDP averages gradients: this makes them those of the global mean
-        g = emb[Q:].float()
-        if embed_dim is None:
-            c = aligner.embed_text(text[Q:], mask[Q:]).float()
-        else:
-            bad = [w for w, e in zip(batch['where'], batch['text_embedding']) if e.numel() != embed_dim]
-            if bad:
-                raise SystemExit(f'{bad[0]}: its text_embedding has another width than the first clip\'s {embed_dim}')
-            c = F.normalize(torch.stack(batch['text_embedding']).to(dev), dim=-1)
-        captions = batch['caption']
-        if ddp:  # InfoNCE over the global batch
-            g, c = Gather.apply(g), Gather.apply(c)
-            gathered = [None] * world
-            dist.all_gather_object(gathered, captions)
-            captions = [x for part in gathered for x in part]
-        nce = info_nce(g, c, captions, temperature)
-        loss = bce_weight * bce + nce_weight * nce
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(aligner.parameters(), grad_clip)
-        opt.step()
-        it += 1
-        summed = torch.stack([bce_sum.detach() / count[0], torch.tensor(float(Q + B), device=dev)])
-        if ddp:
-            dist.all_reduce(summed)  # the global BCE mean and query count
-        sums += [summed[0].item(), nce.item(), summed[1].item()]
-        n_logged += 1
-        if master and (it % log_interval == 0 or it == max_iters):
-            dt = (time.time() - t0) / n_logged
-            print(f'iter {it}: bce {sums[0] / n_logged:.4f}, nce {sums[1] / n_logged:.4f}, {1000 * dt:.1f} ms/iter, '
-                  f'{sums[2] / n_logged:.0f} queries/iter, lr {lr:.2e}', flush=True)
-        if it % log_interval == 0 or it == max_iters:
+        sums += train_step(model, aligner, opt, frozen, next(batches), lr, world, embed_dim, noted)
+        it, n_logged = it + 1, n_logged + 1
+        if it % log_interval == 0 or it == max_iters:  # the log line's losses are the means since the last one
+            if master:
+                print(f'iter {it}: bce {sums[0] / n_logged:.4f}, nce {sums[1] / n_logged:.4f}, '
+                      f'{1000 * (time.time() - t0) / n_logged:.1f} ms/iter, {sums[2] / n_logged:.0f} queries/iter, '
+                      f'lr {lr:.2e}', flush=True)
             sums, n_logged, t0 = np.zeros(3), 0, time.time()
         t_pause = time.time()
         if master and val is not None and (it % eval_interval == 0 or it == max_iters):
-            run_eval()
+            evaluate_and_log(aligner, frozen, val, base, it, history)
         if master and (it % ckpt_interval == 0 or it == max_iters):
-            save()
+            save_ckpt(aligner, opt, loader, it, arch, frozen)
         t0 += time.time() - t_pause  # ms/iter counts training only
     parallel.close()
     if master:
-        print(f'done: {ckpt_path}')
+        print(f'done: {os.path.join(out_dir, "ckpt.pt")}')
 
 
 if __name__ == '__main__':
