@@ -3220,6 +3220,15 @@ def test_learning_rate_warms_up_then_decays_to_its_floor():
     assert lr_at(49, 2e-3, 50, 0, 0.1) == lr_at(5000, 2e-3, 50, 0, 0.1) == 2e-3
 
 
+def test_the_mfu_peak_is_the_exact_device_s(monkeypatch):
+    from models.optim import peak_flops
+    for name, peak in (('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA H100 PCIe', 756e12), ('NVIDIA H100 NVL', 835e12),
+                       ('NVIDIA H200', 989e12), ('NVIDIA GeForce RTX 4090', 0)):
+        monkeypatch.setattr(torch.cuda, 'get_device_name', lambda dev, n=name: n)
+        assert peak_flops(torch.device('cuda', 0)) == peak, name
+    assert peak_flops(torch.device('cpu')) == 0
+
+
 def test_dit_flops_match_torch_flop_counter(monkeypatch):
     # dit_flops counts the blocks' matmuls by formula; torch's FlopCounterMode counts every matmul of a real
     # block forward + backward (inputs needing gradients, as inside the DiT). The CPU's fused SDPA kernel has no FLOP

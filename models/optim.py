@@ -3,8 +3,10 @@ import math
 
 import torch
 
-# dense bf16 matmul peaks in TFLOP/s, by the name torch.cuda.get_device_name reports (SXM parts)
-PEAK_TFLOPS = {'H100': 989, 'H200': 989, 'H800': 989, 'B200': 2250, 'A100': 312, 'A800': 312, 'L40S': 362}
+# dense bf16 matmul peaks in TFLOP/s (vendor data sheets), by a part of the name torch.cuda.get_device_name reports;
+# the first match wins, so the PCIe and NVL parts come before the SXM name they contain
+PEAK_TFLOPS = {'H100 PCIe': 756, 'H100 NVL': 835, 'H100': 989, 'H200': 989, 'H800': 989, 'B200': 2250, 'A100': 312,
+               'A800': 312, 'L40S': 362}
 
 
 def adamw(params, lr, weight_decay, **kw):
