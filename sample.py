@@ -11,6 +11,9 @@ prompt list and write <prompt>-<index>.mp4, VBench's naming:
 
     torchrun --nproc_per_node=8 sample.py --ckpt_dir=Wan2.2-TI2V-5B --model=ti2v-5b --prompts=vbench.txt \
         --samples=5 --sp=1 --out=vbench_videos
+
+The training-free methods (AlignVid, layout refocusing, block calibration) live in models/steering.py and reach the
+sampling loop as one per-step hook.
 """
 import collections
 import contextlib
@@ -375,7 +378,7 @@ def main():
     with torch.no_grad():
         y, first, w, h = image_condition(codec, dit, n_frames, w, h, dev)
     refocus, jobs = layout_refocusing(jobs, tok, dit, codec, n_frames, h, w, d)
-    hook = Steering(align, refocus) if align or refocus else None
+    hook = Steering(align, refocus)
     shape = (dit.out_dim, (n_frames - 1) // codec.stride[0] + 1, h // codec.stride[1], w // codec.stride[2])
 
     dp, at = mesh['dp'].size(), mesh['dp'].get_local_rank()

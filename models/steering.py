@@ -59,6 +59,7 @@ def block_string(blocks):
 
 
 def within(t, window):
+    """Whether model timestep t is in the window lo < t <= hi."""
     return window[0] < float(t) <= window[1]
 
 
@@ -107,6 +108,7 @@ def cross_attention(m, x, context, alpha=None, adaptive=False, probe=None, store
 
 
 def cross_attentions(dit, blocks):
+    """The cross-attention modules of these blocks of the DiT."""
     return [dit.blocks[i].cross_attn for i in blocks]
 
 
