@@ -27,6 +27,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from models.optim import dit_flops
 from models.settings import choice, configure, run
+from models.steering import Refocus, box_tokens, cross_attentions, scaled
 from models.trd import trd_loss
 from models.unipc import UniPC
 from models.wan import WanModel, configs as wan_configs, cpu_bf16, flash_attn_func, rope_table, token_grid as dit_grid
@@ -520,9 +521,9 @@ def import_sample():
     return sample
 
 
-def refocus_layout(sample, grid, dev):
+def refocus_layout(grid, dev):
     """Two nouns with boxes and one verb bound to the first, as a layout file gives them."""
-    box = lambda x0: sample.box_tokens({0: [x0, 0.2, x0 + 0.4, 0.8]}, grid, 4).to(dev)  # 4 pixel frames a latent frame
+    box = lambda x0: box_tokens({0: [x0, 0.2, x0 + 0.4, 0.8]}, grid, 4).to(dev)  # 4 pixel frames a latent frame
     return dict(idx=torch.tensor([1, 2, 3, 5, 6]), grid=grid, nouns=[([0, 1], box(0.1)), ([3, 4], box(0.5))],
                 verbs=[([2], 0)])
 
@@ -532,7 +533,8 @@ def time_sampling(dit, batch, grid, dev, autocast):
     sample.py's sampling-time alignment options: AlignVid, entropy-adaptive AlignVid, refocusing."""
     x, t, ctx, _ = batch
     sample, every = import_sample(), list(range(len(dit.blocks)))
-    layout = refocus_layout(sample, grid, dev)
+    refocus = Refocus(refocus_layout(grid, dev), every, sample.refocus_t, sample.refocus_verb_t, sample.refocus_iters,
+                      sample.refocus_step, sample.refocus_tau, sample.refocus_verb_weight)  # sample.py's settings
 
     def plain():
         solver = UniPC(50, 5.0)
@@ -542,16 +544,13 @@ def time_sampling(dit, batch, grid, dev, autocast):
 
     def aligned(adaptive):  # AlignVid, alpha 1.35 on every block
         def go():
-            sample.alignvid_adaptive = adaptive
-            sample.set_logit_scale(dit, 1.35, every)
-            plain()
-            sample.alignvid_adaptive = False
-            sample.set_logit_scale(dit, None, every)
+            with scaled(cross_attentions(dit, every), 1.35, adaptive):
+                plain()
         return go
 
     def refocused():  # sample.refocus_iters latent gradient steps through all the blocks, t = 950 in its windows
         with autocast:
-            sample.refocus(dit, x, t, ctx, None, layout, every, 950, 0.95, torch.ones_like(x))
+            refocus.refocus(dit, x, t, ctx, None, 950, 0.95, torch.ones_like(x))
         plain()
     return timed(plain, aligned(False), aligned(True), refocused, dev=dev)
 

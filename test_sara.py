@@ -1832,14 +1832,21 @@ def old_cross_attention_forward(self, x, context):
 SAMPLE_WRAPPER = '''
 import inspect, json, os, runpy, sys
 sys.path.insert(0, os.getcwd())
+import models.steering as s
 import models.wan as w
 import test_sara
 mode, path, args = sys.argv[1], sys.argv[2], sys.argv[3:]
-seen, forward = [], w.WanCrossAttention.forward
-def record(self, x, context):
-    seen.append(self.logit_scale)
+seen, forward, steered = [], w.WanCrossAttention.forward, s.cross_attention
+def record(self, x, context):  # the official forward: unscaled
+    seen.append(None)
     return forward(self, x, context)
-w.WanCrossAttention.forward = test_sara.old_cross_attention_forward if mode == 'old' else record
+def record_steered(m, x, context, alpha=None, **kw):  # the forward models/steering.py installs
+    seen.append(alpha)
+    return steered(m, x, context, alpha, **kw)
+if mode == 'old':
+    w.WanCrossAttention.forward = test_sara.old_cross_attention_forward
+else:
+    w.WanCrossAttention.forward, s.cross_attention = record, record_steered
 sys.argv = ['sample.py', *args]
 runpy.run_path('sample.py', run_name='__main__')
 json.dump(seen, open(path, 'w'))
@@ -1905,7 +1912,7 @@ def align_run(tmp_path_factory):
 
 
 def test_alignment_off_is_bit_identical_to_the_dit_before_it(align_run, tmp_path, monkeypatch):
-    """With the hooks at their defaults every block output equals the pre-hook forward's bit for bit; sample.py at
+    """With no steering installed every block output equals the pre-hook forward's bit for bit; sample.py at
     its default settings writes the video of sample.py running the pre-hook forward (compared within CPU rounding
     across processes: matmuls may round by buffer address; the same run's bytes are usually equal)."""
     from models.wan import WanCrossAttention
@@ -1926,45 +1933,47 @@ def test_alignment_off_is_bit_identical_to_the_dit_before_it(align_run, tmp_path
 def test_alignvid_scale_is_the_softmax_temperature_and_lowers_entropy():
     """alpha scales the logits: softmax(alpha q k^T / sqrt(d)) v by hand; gamma_q 1.2 with gamma_k 1.5 is alpha 1.8;
     the attention entropy falls strictly as alpha grows; the adaptive variant follows its formula."""
+    from models.steering import cross_attention, scaled
     m, x, context = tiny_cross_attention()
     with torch.no_grad():
         for alpha in (0.5, 1.35, 4.0):
-            m.logit_scale = alpha
-            assert torch.allclose(m(x, context), hand_attention(m, x, context, alpha)[1], atol=1e-5)
-        m.logit_scale = 1.8
-        assert torch.allclose(m(x, context), hand_attention(m, x, context, 1.2, 1.5)[1], atol=1e-5)
-        m.probe, entropy = torch.arange(context.shape[1]), {}
+            with scaled([m], alpha):
+                assert torch.allclose(m(x, context), hand_attention(m, x, context, alpha)[1], atol=1e-5)
+        with scaled([m], 1.8):
+            assert torch.allclose(m(x, context), hand_attention(m, x, context, 1.2, 1.5)[1], atol=1e-5)
+        entropy = {}
         for alpha in (0.5, 1.0, 1.35, 2.0, 4.0):
-            m.logit_scale = alpha
-            m(x, context)
-            entropy[alpha] = -(m.probs * m.probs.clamp_min(1e-30).log()).sum(-1).mean().item()
+            probs = []
+            cross_attention(m, x, context, alpha, probe=torch.arange(context.shape[1]), store=probs.append)
+            entropy[alpha] = -(probs[0] * probs[0].clamp_min(1e-30).log()).sum(-1).mean().item()
         print('cross-attention entropy (nats, log 7 = %.3f) by alpha: ' % math.log(7) +
               ', '.join(f'{a:g}: {h:.4f}' for a, h in entropy.items()))
         assert all(a > b for a, b in zip(list(entropy.values()), list(entropy.values())[1:]))
-        m.logit_scale, m.probe, m.adaptive = 2.0, None, True  # alpha_i = 1 + (2 - 1) H_i / log M per query and head
-        p = hand_attention(m, x, context)[0]
+        p = hand_attention(m, x, context)[0]  # alpha_i = 1 + (2 - 1) H_i / log M per query and head
         a = 1 + (-(p * p.log()).sum(-1, keepdim=True)) / math.log(7)
         q, k, v = qkv(m, x, context)
         want = m.o(F.scaled_dot_product_attention((a * q).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
                    .transpose(1, 2).flatten(2))
-        assert torch.allclose(m(x, context), want, atol=1e-5)
+        with scaled([m], 2.0, adaptive=True):
+            assert torch.allclose(m(x, context), want, atol=1e-5)
         assert not torch.allclose(want, hand_attention(m, x, context, 2.0)[1], atol=1e-3)
 
 
 def test_probe_is_the_softmax_and_rebuilds_the_output():
     """The probed probabilities are the softmax's columns (chunked or not, with their gradient) and, probing every
     text row, reproduce the module's output."""
-    from models.wan import probe_probs
+    from models.steering import probe_probs, probing
     m, x, context = tiny_cross_attention(seed=3)
     with torch.no_grad():
-        m.probe = torch.tensor([1, 4, 6])
-        out = m(x, context)
+        with probing([m], torch.tensor([1, 4, 6])) as probs:
+            out = m(x, context)
         p, _ = hand_attention(m, x, context)
-        assert m.probs.shape == (1, 10, 2, 3) and torch.allclose(m.probs, p[..., [1, 4, 6]], atol=1e-6)
-        m.probe = torch.arange(7)
-        m(x, context)
+        assert probs[0].shape == (1, 10, 2, 3) and torch.allclose(probs[0], p[..., [1, 4, 6]], atol=1e-6)
+        with probing([m], torch.arange(7)) as probs:
+            m(x, context)
+        assert 'forward' not in vars(m)  # the class's forward again
         v = m.v(context).view(1, 7, 2, -1)
-        assert torch.allclose(m.o(torch.einsum('blnm,bmnd->blnd', m.probs, v).flatten(2)), out, atol=1e-5)
+        assert torch.allclose(m.o(torch.einsum('blnm,bmnd->blnd', probs[0], v).flatten(2)), out, atol=1e-5)
     q, k, _ = qkv(m, x, context)
     q = q.detach().requires_grad_()
     idx = torch.tensor([0, 2])
@@ -1985,14 +1994,14 @@ def sample_module(monkeypatch):
 def test_alignvid_blocks_and_window_select_exactly(align_run, tmp_path, monkeypatch):
     """Blocks and steps outside the settings run unscaled (the default path, bit-equal); the unconditional pass
     follows alignvid_uncond; a window that holds no step gives the default video."""
-    sample = sample_module(monkeypatch)
-    assert sample.parse_blocks('0,2-7,10-20', 40, 'b') == [0, *range(2, 8), *range(10, 21)]
-    assert len(sample.parse_blocks('wan14b', 40, 'b')) == 28 and sample.parse_blocks('all', 3, 'b') == [0, 1, 2]
-    assert sample.block_string([0, 2, 3, 4, 7, 9, 10]) == '0,2-4,7,9-10'
+    from models.steering import block_string, parse_blocks
+    assert parse_blocks('0,2-7,10-20', 40, 'b') == [0, *range(2, 8), *range(10, 21)]
+    assert len(parse_blocks('wan14b', 40, 'b')) == 28 and parse_blocks('all', 3, 'b') == [0, 1, 2]
+    assert block_string([0, 2, 3, 4, 7, 9, 10]) == '0,2-4,7,9-10'
     with pytest.raises(SystemExit, match='names block 38, but the DiT has blocks 0-29'):
-        sample.parse_blocks('wan14b', 30, 'alignvid_blocks')
+        parse_blocks('wan14b', 30, 'alignvid_blocks')
     with pytest.raises(SystemExit, match='expected all'):
-        sample.parse_blocks('x-3', 30, 'alignvid_blocks')
+        parse_blocks('x-3', 30, 'alignvid_blocks')
     args = [f'--out_dir={align_run}/run', '--steps=5', '--shift=5', '--size=32*32']  # alpha 4: a visible effect
     seen, _ = wrapped_sample(tmp_path, 'record', *args, '--alignvid=4.0', '--alignvid_blocks=0,2-3',
                              '--alignvid_t=(600,990)', '--alignvid_uncond=False', f'--out={tmp_path}/on.mp4')
@@ -2021,7 +2030,9 @@ def test_alignvid_blocks_and_window_select_exactly(align_run, tmp_path, monkeypa
 
 def refocus_setup(sample, monkeypatch, seed=0):
     """A random debug-width DiT (gradients enabled on its weights, to show none arrive), a noisy latent of 3 x 8 x 8
-    tokens, a 12-token context, and plan(boxes, verbs) for nouns at tokens [1, 2] and [5] and a verb at token [3]."""
+    tokens, a 12-token context, and plan(boxes, verbs) for nouns at tokens [1, 2] and [5] and a verb at token [3];
+    refocus(x, plan) refocuses on blocks 0 and 1 with sample.py's refocus settings at the time of the call."""
+    from models.steering import Refocus, box_tokens, cross_attentions, phrase_map, probed, probing
     torch.manual_seed(seed)
     m = WanModel(**{**wan_configs['debug'], 'num_layers': 2})
     m.init_weights()
@@ -2031,30 +2042,31 @@ def refocus_setup(sample, monkeypatch, seed=0):
     grid = (3, 8, 8)
 
     def plan(boxes, verbs=()):
-        nouns = [([0, 1], sample.box_tokens(boxes[0], grid, 4)), ([3], sample.box_tokens(boxes[1], grid, 4))]
+        nouns = [([0, 1], box_tokens(boxes[0], grid, 4)), ([3], box_tokens(boxes[1], grid, 4))]
         return dict(idx=torch.tensor([1, 2, 3, 5]), grid=grid, nouns=nouns, verbs=[([2], n) for n in verbs])
 
     def maps(x, plan):
-        sample.probe(m, [0, 1], plan['idx'])
-        with torch.no_grad():
+        with probing(cross_attentions(m, [0, 1]), plan['idx']) as probs, torch.no_grad():
             m(x, torch.tensor([950.0]), ctx, stop_after=2)
-        p = sample.probed(m, [0, 1])
-        sample.probe(m, [], None)
-        return [sample.phrase_map(p, cols, grid) for cols in ([0, 1], [3], [2])]  # noun 0, noun 1, verb
+        p = probed(probs)
+        return [phrase_map(p, cols, grid) for cols in ([0, 1], [3], [2])]  # noun 0, noun 1, verb
 
     def refocus(x, plan):
+        r = Refocus(plan, [0, 1], sample.refocus_t, sample.refocus_verb_t, sample.refocus_iters, sample.refocus_step,
+                    sample.refocus_tau, sample.refocus_verb_weight)
         with torch.no_grad():
-            return sample.refocus(m, x, torch.tensor([950.0]), ctx, None, plan, [0, 1], 950, 0.95, torch.ones_like(x))[0]
+            return r.refocus(m, x, torch.tensor([950.0]), ctx, None, 950, 0.95, torch.ones_like(x))[0]
     monkeypatch.setattr(sample, 'refocus_iters', 4)
     return m, x, plan, maps, refocus
 
 
 def test_refocus_moves_attention_into_the_boxes(monkeypatch):
+    from models.steering import box_tokens
     sample = sample_module(monkeypatch)
     m, x, plan, maps, refocus = refocus_setup(sample, monkeypatch)
     left, right = {0: [0.0, 0.0, 0.4, 1.0]}, {0: [0.6, 0.0, 1.0, 1.0]}
     centroid = lambda p: (p.view(3, 8, 8).sum(1) * (torch.arange(8) + 0.5) / 8).sum(-1).mean().item()
-    inside = lambda p, keys: (p * sample.box_tokens(keys, (3, 8, 8), 4)).sum(-1).mean().item()
+    inside = lambda p, keys: (p * box_tokens(keys, (3, 8, 8), 4)).sum(-1).mean().item()
     before = maps(x, plan([left, right]))[0]
     after = {}
     for name, keys in (('left', left), ('right', right)):
@@ -2067,13 +2079,14 @@ def test_refocus_moves_attention_into_the_boxes(monkeypatch):
 
 
 def test_contrastive_term_ties_the_verb_to_its_noun(monkeypatch):
+    from models.steering import kl_adjacent
     sample = sample_module(monkeypatch)
     m, x, plan, maps, refocus = refocus_setup(sample, monkeypatch, seed=1)
     monkeypatch.setattr(sample, 'refocus_t', (0.0, 0.0))  # the contrastive term alone
     for noun in (0, 1):
         p = plan([{0: [0, 0, 0.5, 1]}, {0: [0.5, 0, 1, 1]}], verbs=[noun])
         n0, n1, v = maps(x, p)
-        gap = lambda n0, n1, v: sample.kl_adjacent(v, [n0, n1][noun]) - sample.kl_adjacent(v, [n1, n0][noun])
+        gap = lambda n0, n1, v: kl_adjacent(v, [n0, n1][noun]) - kl_adjacent(v, [n1, n0][noun])
         before = gap(n0, n1, v).item()
         after = gap(*maps(refocus(x, p), p)).item()
         print(f'verb bound to noun {noun}: KL(verb, its noun) - KL(verb, other noun) {before:.4f} -> {after:.4f}')
@@ -2084,37 +2097,39 @@ def test_contrastive_term_ties_the_verb_to_its_noun(monkeypatch):
 
 def test_refocus_gradient_is_the_same_with_block_checkpointing(monkeypatch):
     """On a GPU refocusing recomputes blocks in backward; the probes' side outputs keep the same latent gradient."""
+    from models.steering import cross_attentions, layout_losses, probed, probing
     sample = sample_module(monkeypatch)
     m, x, plan, _, _ = refocus_setup(sample, monkeypatch)
     p, grads = plan([{0: [0, 0, 0.5, 1]}, {0: [0.5, 0, 1, 1]}], verbs=[0]), []
     for ck in (False, True):
         m.checkpointing = ck
-        sample.probe(m, [0, 1], p['idx'])
-        z = x.clone().requires_grad_()
-        m(z, torch.tensor([950.0]), torch.randn(1, 64, 64, generator=torch.Generator().manual_seed(0)), stop_after=2)
-        grads.append(torch.autograd.grad(sum(sample.layout_losses(sample.probed(m, [0, 1]), p)), z)[0])
+        with probing(cross_attentions(m, [0, 1]), p['idx']) as probs:
+            z = x.clone().requires_grad_()
+            m(z, torch.tensor([950.0]), torch.randn(1, 64, 64, generator=torch.Generator().manual_seed(0)), stop_after=2)
+            loss = sum(layout_losses(probed(probs), p, sample.refocus_tau))
+            grads.append(torch.autograd.grad(loss, z)[0])
     assert grads[0].abs().max() > 0 and torch.equal(grads[0], grads[1])
 
-def test_layout_files_are_checked(tmp_path, monkeypatch):
-    sample = sample_module(monkeypatch)
+def test_layout_files_are_checked(tmp_path):
+    from models import steering
     build_tokenizer(['a red circle moves right and a blue square moves left'], tmp_path / 't.json')
     tok = Tokenizer(tmp_path / 't.json')
     text = 'A red circle moves right and a blue square moves left'
-    assert sample.phrase_tokens(tok, text, 'blue square', 64, 'x') == [7, 8]
-    assert sample.phrase_tokens(tok, text, 'a red circle', 64, 'x') == [0, 1, 2]
+    assert steering.phrase_tokens(tok, text, 'blue square', 64, 'x') == [7, 8]
+    assert steering.phrase_tokens(tok, text, 'a red circle', 64, 'x') == [0, 1, 2]
 
     def layout(spec, frames=9):
         path = tmp_path / 'l.json'
         path.write_text(spec if isinstance(spec, str) else json.dumps(spec))
-        return sample.read_layout(str(path), frames)
+        return steering.read_layout(str(path), frames)
     good = {'entities': [{'phrase': 'a red circle', 'boxes': {'0': [0.1, 0.1, 0.3, 0.4], '8': [0.6, 0.1, 0.8, 0.4]}}],
             'verbs': [{'phrase': 'moves right', 'noun': 'a red circle'}]}
     _, boxes, verbs = layout(good)
-    assert sample.box_at(boxes['a red circle'], 4) == pytest.approx([0.35, 0.1, 0.55, 0.4]) and verbs == [('moves right', 'a red circle')]
-    cover = sample.box_tokens({0: [0.25, 0.0, 0.5, 0.5]}, (1, 4, 4), 4).view(4, 4)
+    assert steering.box_at(boxes['a red circle'], 4) == pytest.approx([0.35, 0.1, 0.55, 0.4]) and verbs == [('moves right', 'a red circle')]
+    cover = steering.box_tokens({0: [0.25, 0.0, 0.5, 0.5]}, (1, 4, 4), 4).view(4, 4)
     assert cover.tolist() == [[0, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
     with pytest.raises(SystemExit, match="the phrase 'a green cone' is not in the prompt"):
-        sample.phrase_tokens(tok, text, 'a green cone', 64, 'layout l.json')
+        steering.phrase_tokens(tok, text, 'a green cone', 64, 'layout l.json')
     with pytest.raises(SystemExit, match=r'box \[0.1, 0.1, 1.3, 0.4\] is outside \[0, 1\]'):
         layout({'entities': [{'phrase': 'a', 'boxes': {'0': [0.1, 0.1, 1.3, 0.4]}}]})
     with pytest.raises(SystemExit, match=r'frame 9 is past the clip of 9 frames \(0-8\)'):
@@ -2131,7 +2146,7 @@ def box_colour_mass(video, caption, boxes, stride=4):
     """Share of the pixels of each caption entity's colour (eval.py's colour distance) that lie inside its box,
     over the frames of a decoded video [T, H, W, 3] uint8; boxes from the layout, interpolated at each frame."""
     import eval as judge
-    import sample
+    from models.steering import box_at
     T, H, W, _ = video.shape
     out = {}
     for name, keys in boxes.items():
@@ -2139,7 +2154,7 @@ def box_colour_mass(video, caption, boxes, stride=4):
         near = np.linalg.norm(video.astype(np.float32) - np.float32(colour), axis=-1) < judge.colour_dist
         inside = np.zeros_like(near)
         for p in range(T):
-            x0, y0, x1, y1 = sample.box_at(keys, p)
+            x0, y0, x1, y1 = box_at(keys, p)
             inside[p, round(y0 * H):round(y1 * H), round(x0 * W):round(x1 * W)] = True
         out[name] = (near & inside).sum() / max(near.sum(), 1)
     return out
@@ -2150,7 +2165,8 @@ def test_refocus_and_calibrate_on_a_trained_toy_model(align_run, tmp_path, monke
     without refocusing, the losses printed per step fall within the window, the video changes; calibrate lists the
     share of blocks asked for. The colour mass in the boxes is printed (a report, no threshold)."""
     import decord
-    sample = sample_module(monkeypatch)
+    from models.steering import oracle_layout, parse_blocks
+    monkeypatch.setattr(sys, 'argv', ['sample.py'])  # box_colour_mass imports eval.py, which reads the arguments
     args = [f'--out_dir={align_run}/run', '--steps=6', '--size=32*32', f'--layout_data={align_run}/data/val.jsonl']
     videos = {}
     for name, extra in (('plain', ['--refocus_t=(0,0)', '--refocus_verb_t=(0,0)']), ('refocused', [])):
@@ -2160,8 +2176,7 @@ def test_refocus_and_calibrate_on_a_trained_toy_model(align_run, tmp_path, monke
     assert not np.array_equal(videos['plain'], videos['refocused'])
     fell = [(float(a), float(b)) for a, b in re.findall(r'spatial (\S+) -> (\S+),', r.stdout)]
     assert len(fell) >= 2 and sum(b for _, b in fell) < sum(a for a, _ in fell), r.stdout
-    monkeypatch.setattr(sample, 'layout_data', f'{align_run}/data/val.jsonl')
-    caption, boxes, _ = sample.oracle_layout(9, 1)
+    caption, boxes, _ = oracle_layout(f'{align_run}/data/val.jsonl', 0, 9, 1)
     for name, v in videos.items():
         print(f'{name}: colour mass inside the boxes ' +
               ', '.join(f'{k} {m:.3f}' for k, m in box_colour_mass(v, caption, boxes).items()))
@@ -2170,7 +2185,7 @@ def test_refocus_and_calibrate_on_a_trained_toy_model(align_run, tmp_path, monke
     assert r.returncode == 0, r.stderr
     print(r.stdout)
     lifts = re.search(r'\n  (.*)\n', r.stdout).group(1).split()
-    blocks = sample.parse_blocks(re.search(r'--alignvid_blocks=(\S+)', r.stdout).group(1), 4, 'b')
+    blocks = parse_blocks(re.search(r'--alignvid_blocks=(\S+)', r.stdout).group(1), 4, 'b')
     assert len(lifts) == 4 and len(blocks) == 2 and blocks == sorted(int(s.split(':')[0]) for s in lifts[:2])
     if torch.distributed.is_available() and torch.distributed.is_gloo_available():
         r = torchrun(2, 'sample.py', *args, '--layout=oracle', '--sp=2', f'--out={tmp_path}/sp.mp4')

@@ -84,21 +84,6 @@ def attention(q, k, v, scale=None):
     return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
 
 
-def text_logits_map(q, k, scale, fn, chunk=4096):
-    """fn of the fp32 cross-attention logits [B, c, heads, M] of each chunk of c queries, concatenated over the L
-    queries: q [B, L, n, d], k [B, M, n, d]. Under autograd each chunk is recomputed in backward, so neither pass
-    holds L x M x heads at once (a 720p TI2V-5B video has L = 28k tokens, M = 512 text rows, 24 heads)."""
-    def part(qc, k):
-        return fn(torch.einsum('blnd,bmnd->blnm', qc.float(), k.float()) * scale)
-    return torch.cat([checkpoint(part, qc, k, use_reentrant=False) if torch.is_grad_enabled() else part(qc, k)
-                      for qc in q.split(chunk, dim=1)], dim=1)
-
-
-def probe_probs(q, k, idx, scale, chunk=4096):
-    """Softmax probabilities of the keys idx (over all keys) for each query -> [B, L, n, len(idx)] in fp32."""
-    return text_logits_map(q, k, scale, lambda z: z.softmax(-1)[..., idx], chunk)
-
-
 def sinusoidal_embedding_1d(dim, pos):
     half = dim // 2
     pos = pos.to(torch.float64)
@@ -167,38 +152,12 @@ class WanSelfAttention(nn.Module):
 
 
 class WanCrossAttention(WanSelfAttention):
-    def __init__(self, dim, num_heads, eps=1e-6):
-        super().__init__(dim, num_heads, eps)
-        # sampling-time hooks (sample.py's AlignVid / StarVid), plain attributes so checkpoints do not see them:
-        self.logit_scale = None  # alpha: softmax(alpha q k^T / sqrt(d)), i.e. (gamma q)(eta k)^T with alpha = gamma eta
-        self.adaptive = False    # with logit_scale: alpha per query and head from its entropy (adaptive_scale)
-        self.probe = None        # text-row indices whose probabilities forward() stores in self.probs [B, L, heads, n]
-        self.probs = None
-
     def forward(self, x, context):
         B, L, _ = x.shape
         q = self.norm_q(self.q(x)).view(B, L, self.num_heads, self.head_dim)
         k = self.norm_k(self.k(context)).view(B, -1, self.num_heads, self.head_dim)
         v = self.v(context).view(B, -1, self.num_heads, self.head_dim)
-        scale = None
-        if self.logit_scale is not None and self.adaptive:
-            q = q * adaptive_scale(q, k, self.logit_scale).to(q.dtype)  # a per-row alpha is a per-row scale of q
-        elif self.logit_scale is not None:
-            scale = self.logit_scale / math.sqrt(self.head_dim)
-        if self.probe is not None:
-            self.probs = probe_probs(q, k, self.probe, 1 / math.sqrt(self.head_dim) if scale is None else scale)
-        return self.o(attention(q, k, v, scale).flatten(2))  # all text rows attend, padding included, as officially
-
-
-def adaptive_scale(q, k, alpha):
-    """Entropy-adaptive AlignVid (our formula; the poster gives none): alpha_i = 1 + (alpha - 1) H_i / log M per
-    query i and head, H_i the entropy of its unscaled attention over the M text rows. A diffuse row (H = log M) gets
-    the full alpha, a focused one (H = 0) none. -> [B, L, heads, 1]; no gradient (a schedule, not a loss)."""
-    def entropy(z):
-        logp = z.log_softmax(-1)
-        return -(logp.exp() * logp).sum(-1, keepdim=True)
-    with torch.no_grad():
-        return 1 + (alpha - 1) * text_logits_map(q, k, 1 / math.sqrt(q.shape[-1]), entropy) / math.log(k.shape[1])
+        return self.o(attention(q, k, v).flatten(2))  # all text rows attend, padding included, as officially
 
 
 class WanAttentionBlock(nn.Module):
