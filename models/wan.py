@@ -49,8 +49,8 @@ def fp32(x):
 
 @functools.cache
 def cpu_bf16():
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). There a bf16 matmul ran 8x faster than fp32
-    (1536x256 @ 256x512 on one core of the 2-core EPYC this project is developed on); elsewhere oneDNN emulates it, slower than fp32."""
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 beats fp32 (docs/speed.md);
+    elsewhere oneDNN emulates it, slower than fp32."""
     try:
         with open('/proc/cpuinfo') as f:
             flags = next((line.split() for line in f if line.startswith('flags')), [])
@@ -70,7 +70,7 @@ def attention(q, k, v, scale=None):
     """q, k, v: [B, L, heads, head_dim]. FlashAttention on CUDA when present, else SDPA; bf16 under autocast.
     scale: the softmax scale (None = 1/sqrt(head_dim), the same call as without it). On the CPU, while the
     probabilities stay small (the toy's: 8 x 2 x 192 x 192), two matmuls around an fp32 softmax instead: SDPA's CPU
-    kernels took 2-3x longer forward and backward there, a tenth of a toy iteration."""
+    kernels are slower at such sizes (docs/speed.md)."""
     if torch.is_autocast_enabled(q.device.type):  # RoPE left q and k in fp32
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
