@@ -57,7 +57,8 @@ low = ''                       # A14B: the same for the low-noise expert
 t5_cpu = False                 # run umT5 on the CPU (the official --t5_cpu); by default on the GPU, as officially
 offload = True                 # keep the idle A14B expert on the CPU, so one GPU holds the active one
 ema = True                     # a run that kept an EMA of its weights is sampled with it (False = the trained weights)
-dtype = ''                     # DiT weights: '' = as stored (official fp32, bf16 autocast) | bfloat16 (half memory)
+dtype = choice('auto', 'stored', 'bfloat16')  # DiT weights: auto = bfloat16 for A14B on CUDA (the official
+                               # convert_model_dtype), else as stored; bfloat16 halves their memory
 amp = choice('auto', 'on', 'off')  # bf16 autocast: auto = on with CUDA or native CPU bf16 matmuls
 device = 'auto'                # auto = cuda when available, else cpu
 # training-free alignment at sampling time (models/steering.py); both off by default
@@ -131,27 +132,31 @@ def to_tensor(img):
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
 
 
-def load_expert(folder, device):
-    """A DiT folder (official or diffusers layout) or a train_dit.py run folder, in the file's dtype unless `dtype`."""
-    want = getattr(torch, dtype) if dtype else None
+def load_expert(folder, device, want, prepare=None):
+    """A DiT folder (official or diffusers layout) or a train_dit.py run folder, in dtype want (None: the file's);
+    prepare shards an official folder's DiT before its weights are read."""
     if os.path.isdir(os.path.join(folder, 'ckpt')):
         dit = load_ckpt_dit(os.path.join(folder, 'ckpt'), ema=ema)[0].to(device, want)
     else:
-        dit = load_dit(folder, device, want)
+        dit = load_dit(folder, device, want, prepare=prepare)
     return dit.eval().requires_grad_(False)
 
 
-def load_official(dev):
+def load_official(dev, mesh, group):
     """The DiT expert(s), umT5 and VAE of an official folder, each read straight to its device in its file dtype;
-    `high` / `low` replace an A14B expert by a trained one (SARA trains the high-noise expert)."""
+    `high` / `low` replace an A14B expert by a trained one (SARA trains the high-noise expert). Under sequence
+    parallelism the experts are FSDP-sharded over the group, so no rank holds a whole expert."""
     folders = expert_folders(ckpt_dir)
     for name, folder in (('high', high), ('low', low)):
         if folder and name not in folders:
             raise SystemExit(f'--{name}={folder} replaces an A14B expert, but {ckpt_dir} holds a single DiT')
         if folder:
             folders[name] = folder
-    store = torch.device('cpu') if offload else dev
-    experts = {k: load_expert(f, store) for k, f in folders.items()}
+    store = torch.device('cpu') if offload and group is None else dev
+    want = torch.bfloat16 if dtype == 'bfloat16' or (dtype == 'auto' and dev.type == 'cuda' and len(folders) > 1) \
+        else None
+    prepare = (lambda m: parallel.shard_frozen(m, mesh, m.blocks, group)) if group is not None else None
+    experts = {k: load_expert(f, store, want, prepare) for k, f in folders.items()}
     if len(folders) > 1:
         print('experts: ' + ', '.join(f'{k} {f}' for k, f in folders.items()))
     t5, tok, vae = load_text_and_vae(ckpt_dir, next(iter(experts.values())).out_dim, 'cpu' if t5_cpu else dev, dev)
@@ -175,18 +180,22 @@ def expert_name(experts, t, d):
 
 
 def active(experts, name, dev):
-    """The expert `name` on dev; with offload on CUDA the others wait on the CPU."""
-    if offload and dev.type == 'cuda':
+    """The expert `name` on dev; with offload on CUDA the others wait on the CPU (sharded experts stay put)."""
+    if offload and dev.type == 'cuda' and not parallel.is_sharded(experts[name]):
         for k, m in experts.items():
             m.to(dev if k == name else 'cpu')
-    return experts[name].to(dev)
+    return experts[name]
 
 
 def encode_text(t5, tok, texts, text_len, dev):
-    """umT5 features [len(texts), text_len, dim] on dev (zero-padded) and the token mask."""
+    """umT5 features [len(texts), text_len, dim] on dev (zero-padded) and the token mask; with offload on CUDA umT5
+    goes back to the CPU afterwards, as officially, so that the DiT has the GPU."""
     ids, mask = tok(texts, text_len)
-    t5_dev = next(t5.parameters()).device
-    return encode(t5, ids.to(t5_dev), mask.to(t5_dev), text_len).to(dev), mask
+    t5_dev = torch.device('cpu') if t5_cpu else dev
+    context = encode(t5.to(t5_dev), ids.to(t5_dev), mask.to(t5_dev), text_len).to(dev)
+    if offload and dev.type == 'cuda':
+        t5.to('cpu')
+    return context, mask
 
 
 def generate(models, text, noise_seed, shape, y, first, dev, group=None, autocast=contextlib.nullcontext(), hook=None):
@@ -221,6 +230,11 @@ def generate(models, text, noise_seed, shape, y, first, dev, group=None, autocas
         x = sampler.step(v_uncond + g * (v_cond - v_uncond), x)
         if first is not None:
             x = (1 - keep) * first + keep * x
+    if offload and dev.type == 'cuda':  # the decoder's activations get the GPU, as officially
+        for m in experts.values():
+            if not parallel.is_sharded(m):
+                m.to('cpu')
+        torch.cuda.empty_cache()
     return codec.decode(x.float()).clamp(-1, 1), used
 
 
@@ -360,7 +374,7 @@ def main():
     if image and model.startswith('t2v'):
         raise SystemExit(f'--image is for image-to-video models (i2v-a14b, ti2v-5b); {model} is text-to-video: '
                          f'drop --image or pick such a model')
-    models = load_official(dev) if ckpt_dir else load_trained(dev)
+    models = load_official(dev, mesh, group) if ckpt_dir else load_trained(dev)
     experts, t5, tok, codec, d = models
     dit = checked_dit(experts, d, mesh['sp'].size())
     n_frames = frames or d['frames']

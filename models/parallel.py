@@ -72,20 +72,26 @@ def sp_group(mesh):
     return mesh['sp'].get_group() if mesh['sp'].size() > 1 else None
 
 
-def shard(module, mesh, blocks=()):
-    """FSDP2 over all dp x sp ranks: each block its own unit (gathered just before use, freed after), then the root."""
-    world = DeviceMesh.from_group(dist.group.WORLD, mesh.device_type)
+def shard(module, mesh, blocks=(), group=None):
+    """FSDP2 over all dp x sp ranks (or the ranks of group): each block its own unit (gathered just before use, freed
+    after), then the root."""
+    world = DeviceMesh.from_group(group or dist.group.WORLD, mesh.device_type)
     for block in blocks:
         fully_shard(block, mesh=world)
     return fully_shard(module, mesh=world)
 
 
-def shard_frozen(module, mesh, blocks=()):
+def shard_frozen(module, mesh, blocks=(), group=None):
     """shard() for a model that only runs under no_grad: FSDP2 keeps a root unit's weights gathered after its forward
     (it expects the backward), so here the root reshards itself after every forward."""
-    module = shard(module, mesh, blocks)
+    module = shard(module, mesh, blocks, group)
     module.register_forward_hook(lambda m, args, out: m.reshard())
     return module
+
+
+def is_sharded(module):
+    """Whether FSDP2 shards the module's parameters (they then stay on their device)."""
+    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def copy_full(param, full):
