@@ -1785,25 +1785,25 @@ def test_sample_replaces_an_a14b_expert_by_a_run_or_a_folder(tmp_path):
 
 
 def test_umt5_runs_on_the_sampling_device_unless_t5_cpu(monkeypatch, tmp_path):
-    """As officially: umT5 on the GPU, on the CPU only with t5_cpu (the official --t5_cpu); offload moves the idle A14B
-    expert only. Checked through the devices load_official asks for (no GPU needed)."""
+    """As officially: umT5 loaded on the GPU, on the CPU only with t5_cpu (the official --t5_cpu); offload keeps the
+    A14B experts on the CPU until used. Checked through the devices load_official asks for (no GPU needed)."""
     monkeypatch.setattr(sys, 'argv', ['sample.py'])
     import sample
     asked = {}
     monkeypatch.setattr(sample, 'expert_folders', lambda d: {'high': 'h', 'low': 'l'})
-    monkeypatch.setattr(sample, 'load_expert', lambda f, device: asked.setdefault(f, device) and WanModel(num_layers=0))
+    monkeypatch.setattr(sample, 'load_expert', lambda f, device, *rest: asked.setdefault(f, device) and WanModel(num_layers=0))
     monkeypatch.setattr(sample, 'load_text_and_vae', lambda d, z, t5_dev, vae_dev: asked.update(t5=t5_dev, vae=vae_dev))
     gpu = torch.device('cuda', 0)
     monkeypatch.setattr(sample, 'ckpt_dir', str(tmp_path))
     monkeypatch.setattr(sample, 'model', 't2v-a14b')
     with pytest.raises(TypeError):  # load_text_and_vae returns nothing here: only the devices matter
-        sample.load_official(gpu)
+        sample.load_official(gpu, None, None)
     assert asked == {'h': torch.device('cpu'), 'l': torch.device('cpu'), 't5': gpu, 'vae': gpu}
     monkeypatch.setattr(sample, 't5_cpu', True)
     monkeypatch.setattr(sample, 'offload', False)
     asked.clear()
     with pytest.raises(TypeError):
-        sample.load_official(gpu)
+        sample.load_official(gpu, None, None)
     assert asked == {'h': gpu, 'l': gpu, 't5': 'cpu', 'vae': gpu}
 
 
