@@ -1791,7 +1791,8 @@ def test_umt5_runs_on_the_sampling_device_unless_t5_cpu(monkeypatch, tmp_path):
     import sample
     asked = {}
     monkeypatch.setattr(sample, 'expert_folders', lambda d: {'high': 'h', 'low': 'l'})
-    monkeypatch.setattr(sample, 'load_expert', lambda f, device, *rest: asked.setdefault(f, device) and WanModel(num_layers=0))
+    monkeypatch.setattr(sample, 'load_expert',
+                        lambda f, device, *rest: asked.setdefault(f, device) and WanModel(num_layers=0))
     monkeypatch.setattr(sample, 'load_text_and_vae', lambda d, z, t5_dev, vae_dev: asked.update(t5=t5_dev, vae=vae_dev))
     gpu = torch.device('cuda', 0)
     monkeypatch.setattr(sample, 'ckpt_dir', str(tmp_path))
