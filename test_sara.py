@@ -2019,7 +2019,9 @@ def test_alignvid_blocks_and_window_select_exactly(align_run, tmp_path, monkeypa
     effect = np.abs(on - off).mean()
     print(f'mean |video difference|: alignvid on vs off {effect:.3f}, empty window vs off '
           f'{np.abs(empty - off).mean():.4f} levels')
-    assert effect > 0.5 and np.abs(empty - off).mean() < 0.05  # (CPU rounding across processes, see above)
+    # two processes can round CPU matmuls differently (buffer addresses), which a random DiT amplifies: within a
+    # tenth of what the scaling changes (the recorded scales above check the window exactly)
+    assert effect > 0.5 and np.abs(empty - off).mean() < 0.1 * effect
     if torch.distributed.is_available() and torch.distributed.is_gloo_available():  # AlignVid under sp = 2
         r = torchrun(2, 'sample.py', *args, '--alignvid=4.0', '--alignvid_blocks=0,2-3', '--alignvid_t=(600,990)',
                      '--alignvid_uncond=False', f'--out={tmp_path}/sp.mp4')
