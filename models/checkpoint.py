@@ -225,7 +225,7 @@ def load_pth(path):
 
 def pth_to_safetensors(src, dst):
     """Convert a .pth state dict once, keys and dtypes unchanged."""
-    _atomic(str(dst), lambda tmp: save_file({k: v.contiguous() for k, v in load_pth(src).items()}, tmp,
+    atomic_write(str(dst), lambda tmp: save_file({k: v.contiguous() for k, v in load_pth(src).items()}, tmp,
                                             metadata={'format': 'pt'}))
 
 
@@ -352,7 +352,7 @@ def _replace_folder(tmp, folder):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _atomic(path, write):
+def atomic_write(path, write):
     """write(tmp) then rename: an interrupted save never replaces a good file."""
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     write(path + '.tmp')
@@ -361,7 +361,7 @@ def _atomic(path, write):
 
 def atomic_save(obj, path):
     """torch.save to a temporary name, then rename."""
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 # ---------------------------------------------------------------------------------------------- training runs
