@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -3336,6 +3337,241 @@ def test_memory_plan_within_25_percent_of_a_real_cpu_run():
 
 if __name__ == '__main__':  # workers of the multi-process tests: python -m torch.distributed.run ... test_sara.py NAME
     {'sp_parity': sp_parity_worker}[sys.argv[1]]()
+
+
+# ---------------------------------------------------------------------------------------------- prepare.py
+
+PREP_WORDS = ('a an the red green blue yellow purple orange circle square triangle moves left right up down and over '
+              'light dark grey checkered floor stone sand').split()
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def word_tokenizer(folder, words, specials, chat_template=None):
+    """A transformers fast tokenizer over a word list, saved into folder (the real folders hold their own)."""
+    from tokenizers import Tokenizer, models as tokenizer_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {w: i for i, w in enumerate(['[UNK]', *specials, *sorted(set(words) - set(specials))])}
+    tok = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token='[UNK]'))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token='[UNK]', pad_token=specials[0],
+                                   additional_special_tokens=list(specials[1:]))
+    fast.chat_template = chat_template
+    fast.save_pretrained(folder)
+    return len(vocab)
+
+
+def tiny_sam3(folder, score=0.0, size=112):
+    """A random Sam3VideoModel at a tiny config in facebook/sam3's layout (config.json, model.safetensors with the
+    tracker at tracker_model.*, processor_config.json, tokenizer). score: the detection thresholds (a random detector
+    finds nothing at the real 0.5)."""
+    from transformers import Sam3VideoConfig, Sam3VideoModel
+    g = size // 14
+    vit = dict(model_type='sam3_vit_model', hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=2, image_size=size, patch_size=14, window_size=g // 2, global_attn_indexes=[1],
+               pretrain_image_size=size)
+    vision = dict(model_type='sam3_vision_model', backbone_config=vit)
+    text = dict(model_type='clip_text_model', vocab_size=64, hidden_size=32, intermediate_size=64, projection_dim=32,
+                num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32, bos_token_id=2, eos_token_id=1)
+    one = dict(num_layers=1, num_attention_heads=2, intermediate_size=64)
+    detector = dict(model_type='sam3', vision_config=vision, text_config=text, geometry_encoder_config=one,
+                    detr_encoder_config=one, detr_decoder_config=dict(one, num_queries=8),
+                    mask_decoder_config=dict(num_attention_heads=2))
+    tracker = dict(model_type='sam3_tracker_video', image_size=size, vision_config=vision,
+                   memory_attention_num_layers=1, memory_attention_feed_forward_hidden_size=64,
+                   memory_fuser_num_layers=1, memory_fuser_intermediate_dim=64,
+                   mask_decoder_config=dict(mlp_dim=64, iou_head_hidden_dim=32))
+    cfg = Sam3VideoConfig(detector_config=detector, tracker_config=tracker, score_threshold_detection=score,
+                          new_det_thresh=score, hotstart_delay=0)
+    cfg.image_size = size
+    torch.manual_seed(0)
+    Sam3VideoModel(cfg).save_pretrained(folder)
+    path = os.path.join(folder, 'model.safetensors')  # save_pretrained nests the tracker: tracker_model.tracker_model.*
+    save_file({k.replace('tracker_model.tracker_model.', 'tracker_model.'): v for k, v in load_file(path).items()},
+              path, metadata={'format': 'pt'})
+    norm = dict(size=dict(height=size, width=size), image_mean=[0.5] * 3, image_std=[0.5] * 3, rescale_factor=1 / 255,
+                resample=2, do_resize=True, do_rescale=True, do_normalize=True, do_convert_rgb=True)
+    with open(os.path.join(folder, 'processor_config.json'), 'w') as f:
+        json.dump(dict(processor_class='Sam3VideoProcessor', target_size=size,
+                       image_processor=dict(norm, image_processor_type='Sam3ImageProcessor',
+                                            mask_size=dict(height=4 * g, width=4 * g)),
+                       video_processor=dict(norm, video_processor_type='Sam2VideoVideoProcessor')), f, indent=2)
+    word_tokenizer(folder, PREP_WORDS, ['<|endoftext|>', '<|startoftext|>'])
+
+
+def tiny_qwen3_vl_embedding(folder):
+    """A random Qwen3-VL at a tiny config, saved as Qwen3-VL checkpoints are (Qwen3VLForConditionalGeneration),
+    with a chat template."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    n = word_tokenizer(folder, PREP_WORDS + "Represent the user's input . system user assistant".split(),
+                       ['<|endoftext|>', '<|im_start|>', '<|im_end|>'], CHATML)
+    text = dict(vocab_size=n + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                rope_scaling=dict(rope_type='default', mrope_section=[1, 1, 2], mrope_interleaved=True))
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                  deepstack_visual_indexes=[0], num_position_embeddings=64)
+    cfg = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=n + 1, video_token_id=n + 2,
+                        vision_start_token_id=n + 3, vision_end_token_id=n + 4)
+    torch.manual_seed(0)
+    Qwen3VLForConditionalGeneration(cfg).save_pretrained(folder)
+
+
+@pytest.fixture(scope='module')
+def prep(tmp_path_factory):
+    """Tiny SAM 3 and Qwen3-VL-Embedding folders, three toy clips and their raw input (video, caption, entities)."""
+    pytest.importorskip('transformers')
+    root = tmp_path_factory.mktemp('prep')
+    tiny_sam3(str(root / 'sam3'))
+    tiny_qwen3_vl_embedding(str(root / 'emb'))
+    make_shapes(str(root / 'toy'), n_train=3, n_val=0, frames=17, size=64)
+    recs = [json.loads(line) for line in open(root / 'toy' / 'train.jsonl')]
+    raw = [dict(video=r['video'], caption=r['caption'], entities=[e['caption'] for e in r['entities']],
+                background=r['background']) for r in recs]
+    (root / 'toy' / 'raw.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in raw))
+    return root, raw
+
+
+def prepare(root, *args, out='out/train.jsonl', data='toy/raw.jsonl', n=0):
+    args = (f'--data={root / data}', f'--out={root / out}', f'--sam_dir={root / "sam3"}', *args)
+    env = {'HF_HUB_OFFLINE': '1', 'CUDA_VISIBLE_DEVICES': ''}  # no kernel download from the hub
+    r = run('-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={n}', 'prepare.py', *args, env=env) \
+        if n else run('prepare.py', *args, env=env)
+    return r, root / out
+
+
+def test_prepare_writes_masks_and_embeddings_the_trainers_read(prep, tmp_path):
+    root, raw = prep
+    r, manifest = prepare(root, f'--embed_dir={root / "emb"}', '--sheet_every=2', '--mask_size=48')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '3 clips (3 prepared now, 0 done before)' in r.stdout and 'Traceback' not in r.stderr
+    recs = read_manifest(manifest, min_frames=17)  # the trainers' reader: every mask has the video's 17 frames
+    assert [rec['caption'] for rec in recs] == [x['caption'] for x in raw]
+    assert [[e['caption'] for e in rec['entities']] for rec in recs] == [x['entities'] for x in raw]
+    for rec in recs:
+        for e in rec['entities']:
+            m = np.load(e['mask'])['mask']
+            assert m.shape == (17, 48, 48) and m.dtype == np.uint8 and set(np.unique(m)) <= {0, 1}
+            assert (m[1::2] == m[0::2][:8]).all()  # frame_stride=2: each odd frame repeats the frame read before it
+    sheets = sorted(os.listdir(root / 'out' / 'sheets'))
+    assert len(sheets) == 2 and Image.open(root / 'out' / 'sheets' / sheets[0]).size[1] > 192
+    prov = json.load(open(root / 'out' / 'train.provenance.json'))
+    assert prov['models']['sam_dir'] == str(root / 'sam3') and prov['settings']['frame_stride'] == 2
+
+    # the embedding is Qwen3-VL-Embedding's recipe: system instruction, user caption, the assistant turn opened,
+    # the last token's hidden state, L2-normalised
+    from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+    tok = AutoTokenizer.from_pretrained(root / 'emb')
+    model = Qwen3VLForConditionalGeneration.from_pretrained(root / 'emb').eval()
+    text = (f"<|im_start|>system\nRepresent the user's input.<|im_end|>\n<|im_start|>user\n{raw[1]['caption']}"
+            "<|im_end|>\n<|im_start|>assistant\n")
+    ids = torch.tensor([tok(text)['input_ids']])
+    with torch.no_grad():
+        h = model.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0, -1]
+    torch.testing.assert_close(torch.from_numpy(np.load(recs[1]['text_embedding'])), F.normalize(h, dim=0),
+                               atol=1e-5, rtol=1e-5)
+
+    # a rerun does no work; Stage 1 trains on the manifest
+    stamp = os.path.getmtime(recs[0]['entities'][0]['mask'])
+    r, _ = prepare(root, f'--embed_dir={root / "emb"}')
+    assert '3 clips (0 prepared now, 3 done before)' in r.stdout, r.stdout + r.stderr[-2000:]
+    assert os.path.getmtime(recs[0]['entities'][0]['mask']) == stamp
+    r = run('train_aligner.py', f'--data={manifest}', f'--out_dir={tmp_path / "al"}', '--max_iters=3',
+            '--batch_size=2', '--frames=8', '--log_interval=1')
+    assert r.returncode == 0 and 'iter 3: bce' in r.stdout, r.stderr[-2000:]
+
+
+def test_prepare_asks_the_llm_for_entities_and_names_what_failed(prep, chat_server):
+    root, raw = prep
+    url, replies, bodies = chat_server
+    lines = [dict(video=x['video'], caption=x['caption']) for x in raw]
+    (root / 'toy' / 'llm.jsonl').write_text(''.join(json.dumps(x) + '\n' for x in lines))
+    replies.extend([(200, json.dumps({'entities': ['a red circle', ' ', 'a red circle'], 'background': 'a floor'})),
+                    (200, 'not json'), (200, 'still not json'),   # clip 2: two tries, both outside the schema
+                    (200, json.dumps({'entities': [], 'background': ''}))])  # clip 3: names nothing
+    r, manifest = prepare(root, f'--llm_url={url}', '--llm_model=qwen', '--llm_retries=2', '--skip_bad=True',
+                          out='llm/train.jsonl', data='toy/llm.jsonl')
+    assert r.returncode == 0 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    assert len(bodies) == 4 and bodies[0]['model'] == 'qwen'
+    assert bodies[0]['response_format']['json_schema']['schema']['required'] == ['entities', 'background']
+    assert raw[0]['caption'] in bodies[0]['messages'][0]['content']
+    recs = [json.loads(line) for line in open(manifest)]
+    assert len(recs) == 1 and [e['caption'] for e in recs[0]['entities']] == ['a red circle']
+    assert recs[0]['background'] == 'a floor'
+    assert '2 bad clips' in r.stdout and 'llm.jsonl line 2: the entity request failed' in r.stdout
+    assert 'an answer outside the schema' in r.stdout and 'llm.jsonl line 3: the caption names no entity' in r.stdout
+    # without --skip_bad the first failure is the run's one sentence; an unreachable endpoint is named
+    r, _ = prepare(root, '--llm_url=http://127.0.0.1:9/v1', '--llm_retries=1', out='llm2/train.jsonl',
+                   data='toy/llm.jsonl')
+    assert r.returncode != 0 and 'Traceback' not in r.stderr
+    assert 'llm.jsonl line 1: the entity request failed: http://127.0.0.1:9/v1' in r.stderr and 'unreachable' in r.stderr
+
+
+def test_prepare_drops_or_keeps_entities_sam3_finds_nowhere(prep):
+    root, raw = prep
+    tiny_sam3(str(root / 'blind'), score=1.01)  # no detection passes a threshold above every probability
+    args = (f'--sam_dir={root / "blind"}', '--skip_bad=True')
+    r, manifest = prepare(root, *args, out='drop/train.jsonl')
+    assert r.returncode == 0 and 'SAM 3 found none of its entities' in r.stdout and '3 bad clips' in r.stdout
+    assert manifest.read_text() == ''
+    r, manifest = prepare(root, *args, '--missing=empty', out='empty/train.jsonl')
+    assert r.returncode == 0 and 'entities SAM 3 found nowhere: 5' in r.stdout, r.stdout + r.stderr[-2000:]
+    recs = read_manifest(manifest, min_frames=17)
+    assert sum(len(rec['entities']) for rec in recs) == 5
+    assert all(np.load(e['mask'])['mask'].max() == 0 for rec in recs for e in rec['entities'])
+
+
+def test_prepare_names_a_bad_video_and_settings(prep):
+    root, raw = prep
+    (root / 'toy' / 'garbage.mp4').write_bytes(b'not a video at all' * 100)
+    lines = [dict(raw[0]), dict(raw[0], video='garbage.mp4'), '{"video": 3']
+    (root / 'toy' / 'bad.jsonl').write_text(''.join((x if isinstance(x, str) else json.dumps(x)) + '\n' for x in lines))
+    r, _ = prepare(root, out='bad/train.jsonl', data='toy/bad.jsonl')
+    assert r.returncode != 0 and 'Traceback' not in r.stderr
+    assert 'bad.jsonl line 3: malformed JSON' in r.stderr
+    r, manifest = prepare(root, '--skip_bad=True', out='bad/train.jsonl', data='toy/bad.jsonl')
+    assert r.returncode == 0 and '2 bad clips' in r.stdout and 'garbage.mp4 could not be decoded' in r.stdout
+    assert len(manifest.read_text().splitlines()) == 1
+    r, _ = prepare(root, '--frame_stride=0', out='bad/train.jsonl', data='toy/bad.jsonl')
+    assert r.returncode != 0 and '--frame_stride=0: the settings need frame_stride >= 1' in r.stderr
+
+
+@multiprocess
+def test_prepare_two_ranks_write_the_manifest_of_one_process(prep):
+    root, raw = prep
+    one, manifest1 = prepare(root, f'--embed_dir={root / "emb"}', out='one/train.jsonl')
+    two, manifest2 = prepare(root, f'--embed_dir={root / "emb"}', out='two/train.jsonl', n=2)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert '[0] 1/2' in two.stdout and '[1] 1/1' in two.stdout  # the three clips split over the ranks
+    assert manifest1.read_text() == manifest2.read_text()
+    for a, b in zip(read_manifest(manifest1), read_manifest(manifest2)):
+        assert (np.load(a['text_embedding']) == np.load(b['text_embedding'])).all()
+        for ea, eb in zip(a['entities'], b['entities']):
+            assert (np.load(ea['mask'])['mask'] == np.load(eb['mask'])['mask']).all()
+
+
+def test_prepare_frames_and_prompts_match_the_official_processor(prep):
+    """Our torch-only preparation of SAM 3's inputs equals Sam3VideoProcessor's (needs a torchvision that loads)."""
+    try:
+        from transformers import Sam3VideoProcessor
+        import torchvision.ops  # noqa: F401 (the processor's import; fails beside a CPU torch it was not built for)
+        torch.ops.torchvision.nms
+    except Exception as err:
+        pytest.skip(f'no working torchvision here ({str(err)[:80]})')
+    import importlib
+    root, raw = prep
+    sys.argv = ['prepare.py', f'--sam_dir={root / "sam3"}']
+    prep_mod = importlib.import_module('prepare')
+    model, tok, norm = prep_mod.load_sam(str(root / 'sam3'), torch.device('cpu'), torch.float32)
+    proc = Sam3VideoProcessor.from_pretrained(root / 'sam3')
+    frames = np.random.default_rng(0).integers(0, 256, (3, 48, 80, 3), dtype=np.uint8)
+    official = proc.init_video_session(video=list(frames), inference_device='cpu')
+    ours = prep_mod.sam_frames(frames, norm, torch.float32)
+    theirs = torch.stack([official.processed_frames[i] for i in range(3)])
+    # the processor resizes in uint8: ours is within one uint8 step (2/255 on the [-1, 1] scale)
+    assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 2 / 255, (ours - theirs).abs().max()
+    proc.add_text_prompt(official, 'a red circle')
+    ids = tok('a red circle', return_tensors='pt', padding='max_length', max_length=32, truncation=True)
+    assert torch.equal(official.prompt_input_ids[0], ids.input_ids)
 
 
 # ---------------------------------------------------------------------------------------------- models/chat.py
