@@ -152,7 +152,7 @@ def load_official(dev, mesh, group):
             raise SystemExit(f'--{name}={folder} replaces an A14B expert, but {ckpt_dir} holds a single DiT')
         if folder:
             folders[name] = folder
-    store = torch.device('cpu') if offload and group is None else dev
+    store = torch.device('cpu') if offloading(dev) and group is None else dev
     want = torch.bfloat16 if dtype == 'bfloat16' or (dtype == 'auto' and dev.type == 'cuda' and len(folders) > 1) \
         else None
     prepare = (lambda m: parallel.shard_frozen(m, mesh, m.blocks, group)) if group is not None else None
@@ -179,9 +179,16 @@ def expert_name(experts, t, d):
     return 'high' if float(t) >= d['boundary'] * 1000 else 'low'
 
 
+def offloading(dev):
+    """Whether idle DiT experts wait on the CPU: with offload on CUDA in one process. Under torchrun every rank's
+    copy would multiply host memory by the ranks (both A14B experts each), so there the experts stay on the GPUs:
+    whole with one video per rank, FSDP-sharded with sp ranks per video."""
+    return offload and dev.type == 'cuda' and int(os.environ.get('WORLD_SIZE', 1)) == 1
+
+
 def active(experts, name, dev):
-    """The expert `name` on dev; with offload on CUDA the others wait on the CPU (sharded experts stay put)."""
-    if offload and dev.type == 'cuda' and not parallel.is_sharded(experts[name]):
+    """The expert `name` on dev; when offloading the others wait on the CPU (sharded experts stay put)."""
+    if offloading(dev) and not parallel.is_sharded(experts[name]):
         for k, m in experts.items():
             m.to(dev if k == name else 'cpu')
     return experts[name]
@@ -230,7 +237,7 @@ def generate(models, text, noise_seed, shape, y, first, dev, group=None, autocas
         x = sampler.step(v_uncond + g * (v_cond - v_uncond), x)
         if first is not None:
             x = (1 - keep) * first + keep * x
-    if offload and dev.type == 'cuda':  # the decoder's activations get the GPU, as officially
+    if offloading(dev):  # the decoder's activations get the GPU, as officially
         for m in experts.values():
             if not parallel.is_sharded(m):
                 m.to('cpu')

@@ -1807,6 +1807,13 @@ def test_umt5_runs_on_the_sampling_device_unless_t5_cpu(monkeypatch, tmp_path):
     with pytest.raises(TypeError):
         sample.load_official(gpu, None, None)
     assert asked == {'h': gpu, 'l': gpu, 't5': 'cpu', 'vae': gpu}
+    # under torchrun, one video per rank: offload or not, no rank puts the experts in host memory
+    monkeypatch.setattr(sample, 'offload', True)
+    monkeypatch.setenv('WORLD_SIZE', '8')
+    asked.clear()
+    with pytest.raises(TypeError):
+        sample.load_official(gpu, None, None)
+    assert asked['h'] == gpu and asked['l'] == gpu and not sample.offloading(gpu)
 
 
 def test_ti2v_output_size_is_the_official_one(monkeypatch):
