@@ -8,6 +8,13 @@
 Each caption entity ("a red circle moves right") is looked for frame by frame as one connected blob of its colour
 whose fill of its bounding box names its shape; its centroid's travel must point the named way; the rest of the
 frame must be grey. Scores are in [0, 1] per video: entity, direction, background and their mean, score.
+
+With --judge_url and --judge_model, VLM judges on any OpenAI-compatible endpoint score real videos instead
+(models/judge.py: the rubric, the vote, the cache):
+
+    python eval.py --videos_dir=samples --judge_url=http://localhost:8000/v1 --judge_model=Qwen/Qwen3.5-27B
+    python eval.py --videos=clips/val.jsonl --judge_url=... --judge_model=a,b      # the real clips: the oracle row
+    python eval.py --omiti2v=OmitI2V --videos_dir=omit_videos --judge_url=... --judge_model=...
 """
 import json
 import os
@@ -21,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from data import COLOURS, MOVES, SHAPES, load_clip, read_manifest
+from models import judge as vlm
 from models.checkpoint import load_dit_run
 from models.settings import configure, run
 from models.t5 import encode
@@ -37,6 +45,22 @@ steps = 0                      # sampling steps for runs (0 = sample.py's defaul
 size = ''                      # sampling size 'W*H' for runs ('' = the run's clip size)
 guidance = 0.0                 # classifier-free guidance for runs (0 = sample.py's default for a run)
 words = False                  # with runs: also how far each run's x0 estimate and samples move on a word swap
+# VLM judges (models/judge.py) on any OpenAI-compatible chat endpoint: the rubric table, or OmitI2V accuracy
+videos_dir = ''                # mp4s to judge: <prompt>-<index>.mp4 as sample.py --prompts writes (omiti2v: {id}.mp4)
+judge_url = ''                 # endpoint(s) http://host:port/v1, comma-separated: one for every judge, or one per judge
+judge_model = ''               # the judges: model names as served, comma-separated; the table also averages them
+rubric = 'docs/rubric.json'    # dimensions (group TA or MQ), their questions, the scale: ours (the paper's is unpublished)
+judge_frames = 8               # frames per video sent as images, spread evenly from the first to the last
+judge_size = 512               # the frames' longer side at most this many pixels (0 = as decoded)
+judge_votes = 3                # answers per rubric question and judge: the mean is over all, the vote their majority
+judge_temperature = 0.7        # sampling temperature of the rubric's answers (OmitI2V's: 0, one answer, as AlignVid)
+judge_retries = 3              # tries per question on a timeout, an HTTP error or an answer outside the schema
+judge_timeout = 300.0          # seconds per try
+judge_workers = 8              # questions in flight at once
+judge_max_tokens = 1024        # reply budget per answer (a reasoning model that thinks first needs more)
+judge_cache = ''               # the JSON-lines answer cache a rerun continues from ('' = judge_cache.jsonl by the videos)
+omiti2v = ''                   # the OmitI2V folder (meta.json): score videos_dir's {id}.mp4 on its yes/no questions
+omiti2v_fields = vlm.OMITI2V_FIELDS  # meta.json's key names of: id, image, prompt, category, questions, question, answer
 
 cfg = configure(globals(), __file__)
 
@@ -250,7 +274,67 @@ def print_table(table, n_videos):
                       f"{k} {row[k]['mean']:.3f} +- {row[k]['std']:.3f} " for k in KEYS).rstrip())
 
 
+def judged_folder():
+    """Where the cache and the JSON go by default: videos_dir, or the manifest's folder."""
+    return videos_dir or os.path.dirname(os.path.abspath(videos))
+
+
+def asked(asks, pairs):
+    """The judges' answers to asks [(mp4, [question])] through the cache, and the failures."""
+    cache = judge_cache or os.path.join(judged_folder(), 'judge_cache.jsonl')
+    return vlm.ask_videos(asks, pairs, cache, judge_frames, judge_size, judge_retries, judge_timeout,
+                            judge_workers, judge_max_tokens)
+
+
+def rubric_scores(pairs):
+    """The rubric table of videos_dir (prompts from the file names) or of the manifest's clips (their captions)."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), rubric)
+    rub = vlm.load_rubric(here if not os.path.exists(rubric) and rubric == 'docs/rubric.json' else rubric)
+    items = vlm.prompted_videos(videos_dir) if videos_dir else [(r['video'], r['caption']) for r in
+                                                                  read_manifest(videos)]
+    answers, failed = asked([(path, vlm.rubric_questions(rub, text, judge_frames, judge_votes, judge_temperature))
+                             for path, text in items], pairs)
+    if not answers:
+        raise ValueError(f'no video could be judged ({len(failed)} failed), e.g. {next(iter(failed.items()))}')
+    table = vlm.rubric_table(answers, rub, [m for _, m in pairs])
+    vlm.print_rubric_table(table, rub, rubric, len(answers), judge_votes, failed)
+    return dict(table=table, answers=answers, failed=failed)
+
+
+def omiti2v_scores(pairs):
+    """OmitI2V accuracy per category of videos_dir's {id}.mp4 (samples without questions are left out, as
+    AlignVid's evaluation does)."""
+    if not videos_dir:
+        raise ValueError('--omiti2v needs --videos_dir=<the folder of {id}.mp4 that sample.py --omiti2v wrote>')
+    if not os.path.isdir(videos_dir):
+        raise FileNotFoundError(f'--videos_dir={videos_dir}: folder not found')
+    samples = [s for s in vlm.read_omiti2v(omiti2v, omiti2v_fields, ('id', 'category', 'questions')) if s['questions']]
+    paths = {os.path.join(videos_dir, f"{s['id']}.mp4"): s for s in samples}
+    answers, failed = asked([(p, vlm.omiti2v_questions(s, judge_frames)) for p, s in paths.items()], pairs)
+    if not answers:
+        raise ValueError(f'no video could be judged ({len(failed)} failed), e.g. {next(iter(failed.items()))}')
+    by_id = {paths[p]['id']: a for p, a in answers.items()}
+    table = vlm.omiti2v_table(by_id, samples, [m for _, m in pairs])
+    vlm.print_omiti2v_table(table, samples, by_id, failed)
+    return dict(table=table, answers=by_id, failed=failed)
+
+
+def vlm_judging():
+    """The VLM judges' table, printed and written as JSON (out, or judged.json / omiti2v.json by the videos)."""
+    pairs = vlm.judges(judge_url, judge_model)
+    if not (videos_dir or videos):
+        raise ValueError('nothing to judge: pass --videos_dir=<folder of mp4s> (or --videos=<manifest.jsonl>)')
+    result = omiti2v_scores(pairs) if omiti2v else rubric_scores(pairs)
+    path = out or os.path.join(judged_folder(), 'omiti2v.json' if omiti2v else 'judged.json')
+    with open(path, 'w') as f:
+        json.dump(dict(result, judges=[dict(url=u, model=m) for u, m in pairs], config=cfg), f, indent=2,
+                  ensure_ascii=False)
+    print(f'wrote {path}')
+
+
 def main():
+    if judge_url or judge_model:
+        return vlm_judging()
     if not videos:
         raise ValueError("nothing to judge: pass --videos=<manifest.jsonl>")
     recs = read_manifest(videos)

@@ -12,11 +12,15 @@ prompt list and write <prompt>-<index>.mp4, VBench's naming:
     torchrun --nproc_per_node=8 sample.py --ckpt_dir=Wan2.2-TI2V-5B --model=ti2v-5b --prompts=vbench.txt \
         --samples=5 --sp=1 --out=vbench_videos
 
+With --omiti2v=<the OmitI2V folder> each sample of its meta.json is rendered from its image and prompt as
+<out>/{id}.mp4, the names `eval.py --omiti2v` reads.
+
 The training-free methods (AlignVid, layout refocusing, block calibration) live in models/steering.py and reach the
 sampling loop as one per-step hook.
 """
 import collections
 import contextlib
+import functools
 import math
 import os
 
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 from data import ensure_shapes, load_clip, read_manifest, write_video
 from models import parallel
 from models.checkpoint import expert_folders, load_ckpt_dit, load_dit, load_dit_run, load_text_and_vae
+from models.judge import OMITI2V_FIELDS, read_omiti2v
 from models.settings import choice, configure, run
 from models.steering import (AlignVid, Refocus, Steering, block_string, calibrate_blocks, make_plan, oracle_layout,
                              parse_blocks, read_layout)
@@ -41,6 +46,8 @@ model = choice('ti2v-5b', 't2v-a14b', 'i2v-a14b', 't2v-1.3b', 't2v-14b')  # whic
 prompt = 'a red circle moves right over a dark grey checkered floor'  # the caption to render
 prompts = ''                   # a text file, one prompt a line: writes out/<prompt>-<index>.mp4 (VBench's naming)
 samples = 1                    # with prompts: videos per prompt, index i seeded with seed + i (VBench: 5)
+omiti2v = ''                   # an OmitI2V folder (meta.json, images): out/{id}.mp4 per sample from its image and prompt
+omiti2v_fields = OMITI2V_FIELDS  # meta.json's key names of: id, image, prompt, category, questions, question, answer
 sp = 0                         # torchrun ranks per video (0 = all); with prompts the world/sp rank groups split them
 negative_prompt = ''           # '' = the official default negative prompt (runs: the empty caption)
 image = ''                     # first frame for image-to-video (i2v-a14b, or ti2v-5b)
@@ -245,9 +252,9 @@ def generate(models, text, noise_seed, shape, y, first, dev, group=None, autocas
     return codec.decode(x.float()).clamp(-1, 1), used
 
 
-def i2v_image(codec, dit, n_frames, w, h, dev):
+def i2v_image(codec, dit, n_frames, w, h, dev, path):
     """I2V-A14B: the image resized to the area w*h at its own aspect (official rounding) -> (y, w, h)."""
-    img = to_tensor(load_image(image))
+    img = to_tensor(load_image(path))
     aspect = img.shape[1] / img.shape[2]
     s, p = codec.stride[1], dit.patch_size[1]
     lat_h = round(math.sqrt(w * h * aspect) // s // p * p)
@@ -257,10 +264,10 @@ def i2v_image(codec, dit, n_frames, w, h, dev):
     return i2v_condition(codec, img.to(dev), n_frames), w, h
 
 
-def ti2v_image(codec, w, h, dev):
+def ti2v_image(codec, w, h, dev, path):
     """TI2V-5B: the image resized and centre-cropped to the official size within w*h -> (first latent frame, w, h)."""
     from PIL import Image
-    img = load_image(image)
+    img = load_image(path)
     ow, oh = best_output_size(img.width, img.height, 32, 32, w * h)
     scale = max(ow / img.width, oh / img.height)
     img = img.resize((round(img.width * scale), round(img.height * scale)), Image.LANCZOS)
@@ -268,16 +275,17 @@ def ti2v_image(codec, w, h, dev):
     return codec.encode(to_tensor(img.crop((x1, y1, x1 + ow, y1 + oh)))[None, :, None].to(dev)), ow, oh
 
 
-def image_condition(codec, dit, n_frames, w, h, dev):
-    """(y, first, w, h): the image as I2V-A14B's extra channels y or TI2V-5B's first latent frame (None without an
-    image), and the video size after the image's rounding."""
+def image_condition(codec, dit, n_frames, w, h, dev, path):
+    """(y, first, w, h): the image at path as I2V-A14B's extra channels y or TI2V-5B's first latent frame (None
+    without an image), and the video size after the image's rounding."""
     y, first = None, None
-    if image and model == 'i2v-a14b' and ckpt_dir:
-        y, w, h = i2v_image(codec, dit, n_frames, w, h, dev)
-    elif image and ckpt_dir:
-        first, w, h = ti2v_image(codec, w, h, dev)
-    elif image:
-        raise SystemExit('image= needs an official image-to-video model (i2v-a14b or ti2v-5b) in ckpt_dir')
+    if path and model == 'i2v-a14b' and ckpt_dir:
+        y, w, h = i2v_image(codec, dit, n_frames, w, h, dev, path)
+    elif path and ckpt_dir:
+        first, w, h = ti2v_image(codec, w, h, dev, path)
+    elif path:
+        raise SystemExit('--image and --omiti2v need an official image-to-video model (i2v-a14b or ti2v-5b) in '
+                         'ckpt_dir')
     if h % (codec.stride[1] * 2) or w % (codec.stride[2] * 2):
         raise SystemExit(f'size {w}*{h} must be a multiple of {2 * codec.stride[2]} on both sides for this model')
     return y, first, w, h
@@ -295,8 +303,8 @@ def layout_refocusing(jobs, tok, dit, codec, n_frames, h, w, d):
     """The refocusing part of the hook (None without a layout) and the jobs: a layout's prompt replaces the prompt."""
     if not layout:
         return None, jobs
-    if prompts:
-        raise SystemExit('layout describes one prompt: use --prompt, not --prompts')
+    if prompts or omiti2v:
+        raise SystemExit('layout describes one prompt: use --prompt, not --prompts or --omiti2v')
     text, boxes, verbs = oracle_layout(layout_data, layout_clip, n_frames, d.get('stride', 1)) \
         if layout == 'oracle' else read_layout(layout, n_frames)
     text = text or prompt  # oracle: the clip's caption
@@ -306,7 +314,7 @@ def layout_refocusing(jobs, tok, dit, codec, n_frames, h, w, d):
     print(f'refocusing {len(boxes)} phrase(s), {len(verbs)} verb(s) at blocks {block_string(blocks)}: {text!r}')
     refocus = Refocus(plan, blocks, refocus_t, refocus_verb_t, refocus_iters, refocus_step, refocus_tau,
                       refocus_verb_weight)
-    return refocus, [(text, None)]
+    return refocus, [(text, None, image, video_path(text, None))]
 
 
 def noised_clips(models, dit, recs, n_frames, h, w, dev):
@@ -341,17 +349,28 @@ def calibration(models, dev, n_frames, h, w, autocast):
     return calibrate_blocks(dit, clips, len(recs), grid, codec.stride[0], calibrate_keep, autocast)
 
 
+def omiti2v_jobs():
+    """(prompt, None, image, out/{id}.mp4) per OmitI2V sample, the file name its evaluation reads."""
+    if prompts or image:
+        raise SystemExit('--omiti2v brings its own prompts and images: drop --prompts and --image')
+    return [(s['prompt'], None, s['image'], os.path.join(out or 'samples', f"{s['id']}.mp4"))
+            for s in read_omiti2v(omiti2v, omiti2v_fields, ('id', 'image', 'prompt'))]
+
+
 def prompt_jobs():
-    """(text, index) per video: the prompt (index None), or each line of the prompts file `samples` times."""
+    """(text, index, image, mp4 path) per video: the prompt (index None), each line of the prompts file `samples`
+    times, or each OmitI2V sample."""
+    if omiti2v:
+        return omiti2v_jobs()
     if not prompts:
-        return [(prompt, None)]
+        return [(prompt, None, image, video_path(prompt, None))]
     if not os.path.isfile(prompts):
         raise SystemExit(f'--prompts={prompts}: file not found (one prompt a line)')
     texts = [line.strip() for line in open(prompts, encoding='utf-8') if line.strip()]
     bad = next((t for t in texts if '/' in t or len(t.encode()) > 240), None)
     if bad:  # the prompt is the file name (VBench's convention)
         raise SystemExit(f'{prompts}: the prompt {bad[:60]!r} cannot be a file name (a "/" or over 240 bytes)')
-    return [(t, i) for t in texts for i in range(samples)]
+    return [(t, i, image, video_path(t, i)) for t in texts for i in range(samples)]
 
 
 def video_path(text, i):
@@ -376,11 +395,11 @@ def main():
     mesh, dev = parallel.init(sp or int(os.environ.get('WORLD_SIZE', 1)), device)
     group = parallel.sp_group(mesh)
     jobs = prompt_jobs()
-    if ckpt_dir and model == 'i2v-a14b' and not image:
+    if ckpt_dir and model == 'i2v-a14b' and not (image or omiti2v):
         raise SystemExit('i2v-a14b generates from a first frame: pass --image=<path>')
-    if image and model.startswith('t2v'):
-        raise SystemExit(f'--image is for image-to-video models (i2v-a14b, ti2v-5b); {model} is text-to-video: '
-                         f'drop --image or pick such a model')
+    if (image or omiti2v) and model.startswith('t2v'):
+        raise SystemExit(f'--image and --omiti2v are for image-to-video models (i2v-a14b, ti2v-5b); {model} is '
+                         f'text-to-video: pick such a model')
     models = load_official(dev, mesh, group) if ckpt_dir else load_trained(dev)
     experts, t5, tok, codec, d = models
     dit = checked_dit(experts, d, mesh['sp'].size())
@@ -396,18 +415,20 @@ def main():
         with torch.no_grad():
             return calibration(models, dev, n_frames, h, w, autocast)
     align = alignvid_scaling(len(dit.blocks))
+    # each image is conditioned once in a row of jobs that share it (one image for a prompt or a prompts file)
+    condition = functools.lru_cache(maxsize=1)(lambda img: image_condition(codec, dit, n_frames, w, h, dev, img))
     with torch.no_grad():
-        y, first, w, h = image_condition(codec, dit, n_frames, w, h, dev)
-    refocus, jobs = layout_refocusing(jobs, tok, dit, codec, n_frames, h, w, d)
+        *_, w0, h0 = condition(jobs[0][2])
+    refocus, jobs = layout_refocusing(jobs, tok, dit, codec, n_frames, h0, w0, d)
     hook = Steering(align, refocus)
-    shape = (dit.out_dim, (n_frames - 1) // codec.stride[0] + 1, h // codec.stride[1], w // codec.stride[2])
 
     dp, at = mesh['dp'].size(), mesh['dp'].get_local_rank()
-    for text, i in jobs[at::dp]:  # each group of sp ranks its share of the prompts
-        path = video_path(text, i)
-        if i is not None and os.path.exists(path):  # a batch picks up where it stopped
+    for text, i, img, path in jobs[at::dp]:  # each group of sp ranks its share of the prompts
+        if (prompts or omiti2v) and os.path.exists(path):  # a batch picks up where it stopped
             continue
         with torch.no_grad():
+            y, first, vw, vh = condition(img)
+            shape = (dit.out_dim, (n_frames - 1) // codec.stride[0] + 1, vh // codec.stride[1], vw // codec.stride[2])
             video, used = generate(models, text, seed + (i or 0), shape, y, first, dev, group, autocast, hook)
         if mesh['sp'].get_local_rank() == 0:
             os.makedirs(os.path.dirname(path) or '.', exist_ok=True)

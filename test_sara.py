@@ -1,4 +1,5 @@
 """Tests: python -m pytest -q test_sara.py (CPU, a few minutes on 2 cores)."""
+import collections
 import json
 import math
 import os
@@ -3585,16 +3586,18 @@ def test_prepare_frames_and_prompts_match_the_official_processor(prep):
 
 @pytest.fixture
 def chat_server():
-    """A loopback chat-completions server: each POST pops the next scripted reply (status, content or 'sleep')
-    and the request bodies are kept."""
+    """A loopback chat-completions server: each POST pops the next scripted reply (status, content or 'sleep'), or
+    a callable body -> reply at the head answers every POST; the request bodies are kept."""
     import http.server
     import threading
+    import time
     replies, bodies = [], []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             bodies.append(json.loads(self.rfile.read(int(self.headers['Content-Length']))))
-            status, content = replies.pop(0)
+            reply = replies[0] if callable(replies[0]) else replies.pop(0)  # a callable stays and answers each body
+            status, content = reply(bodies[-1]) if callable(reply) else reply
             if status == 'sleep':
                 time.sleep(content)
                 status, content = 200, '{}'
@@ -3608,6 +3611,7 @@ def chat_server():
         def log_message(self, *args):
             pass
     server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    server.handle_error = lambda *args: None  # a client that timed out and left: no broken-pipe traceback
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f'http://127.0.0.1:{server.server_port}/v1', replies, bodies
     server.shutdown()
@@ -3644,3 +3648,251 @@ def test_chat_retries_then_names_the_failure(chat_server):
         ask(url, 'm', [], schema, retries=1, timeout=0.2)
     with pytest.raises(ChatError, match=r'127.0.0.1:9/v1 \(model m\): unreachable'):
         ask('http://127.0.0.1:9/v1', 'm', [], schema, retries=1)
+
+
+# ---------------------------------------------------------------------------------------------- VLM judges (models/judge.py)
+
+JUDGE_RUBRIC = {'about': 'a test rubric', 'scale': {'min': 1, 'max': 5},
+                'template': '{frames} frames. Prompt: {prompt}. Q: {question} Score {min} to {max}.',
+                'dimensions': [{'name': 'presence', 'group': 'TA', 'question': 'PRESENCE?'},
+                               {'name': 'binding', 'group': 'TA', 'question': 'BINDING?'},
+                               {'name': 'smooth', 'group': 'MQ', 'question': 'SMOOTH?'}]}
+# judge a's answers by prompt, dimension and seed (= vote index); judge b answers 2 on the red ball, 4 on the cube
+JUDGE_A = {'a red ball': dict(presence=[5, 5, 4], binding=[3, 4, 4], smooth=[2, 3, 4]),
+           'a blue cube': dict(presence=[4, 4, 4], binding=[5, 1, 3], smooth=[5, 5, 5])}
+
+
+def judge_videos(root):
+    """sample.py --prompts' naming: <prompt>-<index>.mp4, two small real videos, and the test rubric."""
+    os.makedirs(root / 'videos')
+    for k, prompt in enumerate(JUDGE_A):
+        video = torch.full((3, 5, 32, 64), -0.5 + k) + torch.linspace(0, 0.4, 5)[None, :, None, None]
+        write_video(str(root / 'videos' / f'{prompt}-0.mp4'), video, 8)
+    (root / 'rubric.json').write_text(json.dumps(JUDGE_RUBRIC))
+    return root / 'videos', root / 'rubric.json'
+
+
+def asked_what(body):
+    """(judge, prompt, dimension, seed) of a rubric request."""
+    text = body['messages'][0]['content'][-1]['text']
+    prompt = re.search(r'Prompt: (.*?)\. Q:', text).group(1)
+    dim = next(d['name'] for d in JUDGE_RUBRIC['dimensions'] if d['question'].rstrip('?') in text)
+    return body['model'], prompt, dim, body['seed']
+
+
+def fixed_scores(body):
+    model, prompt, dim, k = asked_what(body)
+    score = JUDGE_A[prompt][dim][k] if model == 'a' else (2 if prompt == 'a red ball' else 4)
+    return 200, json.dumps({'reason': 'as seen', 'score': score})
+
+
+def judge_run(folder, rubric_path, url, cache, **kw):
+    from models import judge
+    rub = judge.load_rubric(str(rubric_path))
+    asks = [(p, judge.rubric_questions(rub, text, 2, 3, 0.7)) for p, text in judge.prompted_videos(str(folder))]
+    how = dict(dict(retries=2, timeout=5.0, workers=4, wait=0.0), **kw)
+    answers, failed = judge.ask_videos(asks, judge.judges(url, 'a,b'), str(cache), 2, 64, **how)
+    return rub, answers, failed
+
+
+def test_judge_rubric_table_means_and_votes_by_hand(chat_server, tmp_path):
+    from models import judge
+    url, replies, bodies = chat_server
+    folder, rubric_path = judge_videos(tmp_path)
+    replies.append(fixed_scores)
+    rub, answers, failed = judge_run(folder, rubric_path, url, tmp_path / 'cache.jsonl')
+    assert not failed and len(bodies) == 2 * 3 * 3 * 2  # videos x dimensions x votes x judges
+    t = judge.rubric_table(answers, rub, ['a', 'b'])
+    cell = lambda row, who, kind: (t[row][who][kind]['mean'], t[row][who][kind]['std'])
+    # judge a, per video (mean, vote): red ball presence (14/3, 5) binding (11/3, 4) smooth (3, 3: a three-way tie
+    # goes to the median); blue cube presence (4, 4) binding (3, 3: a tie again) smooth (5, 5)
+    assert cell('presence', 'a', 'mean') == pytest.approx((13 / 3, 1 / 3))
+    assert cell('presence', 'a', 'vote') == pytest.approx((4.5, 0.5))
+    assert cell('smooth', 'a', 'vote') == pytest.approx((4.0, 1.0))
+    assert cell('TA', 'a', 'mean') == pytest.approx((23 / 6, 1 / 3))  # videos 25/6 and 7/2
+    assert cell('TA', 'a', 'vote') == pytest.approx((4.0, 0.5))  # videos 9/2 and 7/2
+    assert cell('MQ', 'b', 'mean') == cell('MQ', 'b', 'vote') == pytest.approx((3.0, 1.0))
+    # over judges, per video first: TA mean red (25/6 + 2) / 2, blue (7/2 + 4) / 2; vote 13/4 and 15/4
+    assert cell('TA', judge.ALL, 'mean') == pytest.approx((41 / 12, 1 / 3))
+    assert cell('TA', judge.ALL, 'vote') == pytest.approx((3.5, 0.25))
+    assert cell('MQ', judge.ALL, 'mean') == pytest.approx((3.5, 1.0))
+    assert list(t) == ['presence', 'binding', 'smooth', 'TA', 'MQ']
+    # each request: the frames as PNG images, then the question; the schema; sampled, a seed per vote
+    body = bodies[0]
+    parts = body['messages'][0]['content']
+    assert [p['type'] for p in parts] == ['image_url', 'image_url', 'text']
+    assert all(p['image_url']['url'].startswith('data:image/png;base64,') for p in parts[:2])
+    assert body['response_format']['json_schema']['schema'] == judge.score_schema(1, 5)
+    assert body['temperature'] == 0.7 and sorted({b['seed'] for b in bodies}) == [0, 1, 2]
+    assert parts[-1]['text'].startswith('2 frames. Prompt: ')
+    ours = judge.load_rubric(os.path.join(ROOT, 'docs', 'rubric.json'))  # the shipped rubric: 13 dimensions
+    assert [d['group'] for d in ours['dimensions']].count('TA') == 7 and len(ours['dimensions']) == 13
+
+
+def test_judge_retries_malformed_timeouts_and_http_errors_then_names_the_video(chat_server, tmp_path):
+    from models import judge
+    url, replies, bodies = chat_server
+    folder, rubric_path = judge_videos(tmp_path)
+    tries = collections.Counter()
+
+    def flaky(body):
+        what = asked_what(body)
+        tries[what] += 1
+        model, prompt, dim, k = what
+        if prompt == 'a red ball' and model == 'b' and dim == 'smooth' and k == 1:
+            return 500, 'x'  # always: the red ball fails
+        if prompt == 'a blue cube' and tries[what] == 1:  # every first try on the cube goes wrong, once
+            return [(200, 'not json'), (200, '{"reason": "x", "score": 9}'), ('sleep', 1.0)][k]
+        return fixed_scores(body)
+    replies.append(flaky)
+    rub, answers, failed = judge_run(folder, rubric_path, url, tmp_path / 'cache.jsonl', timeout=0.3)
+    red, blue = (str(folder / f'{p}-0.mp4') for p in JUDGE_A)
+    assert list(failed) == [red] and list(answers) == [blue]  # never scored, named with the reason
+    assert re.search(r"1 question\(s\) unanswered, e.g. smooth#1: .*model b\): HTTP 500 .*after 2 tries", failed[red])
+    assert tries[('b', 'a red ball', 'smooth', 1)] == 2  # judge_retries tries
+    assert all(tries[('a', 'a blue cube', d, k)] == 2 for d in JUDGE_A['a blue cube'] for k in range(3))
+    assert answers[blue]['a']['binding#1']['score'] == 1  # the answer after the retry
+    t = judge.rubric_table(answers, rub, ['a', 'b'])
+    assert t['TA']['a']['mean'] == pytest.approx(dict(mean=3.5, std=0.0))  # the cube alone
+    replies[0] = fixed_scores
+    n = len(bodies)
+    _, answers, failed = judge_run(folder, rubric_path, url, tmp_path / 'cache.jsonl')
+    assert not failed and len(bodies) - n == 1  # the failure was not cached: the rerun asks it alone
+
+
+def test_judge_rerun_after_an_interruption_asks_only_what_is_missing(chat_server, tmp_path):
+    from models import judge
+    url, replies, bodies = chat_server
+    folder, rubric_path = judge_videos(tmp_path)
+    cache = tmp_path / 'cache.jsonl'
+    replies.append(fixed_scores)
+    _, whole, _ = judge_run(folder, rubric_path, url, tmp_path / 'whole.jsonl')
+    lines = (tmp_path / 'whole.jsonl').read_text().splitlines()
+    cache.write_text('\n'.join(lines[:25]) + '\n' + lines[25][:30])  # killed while writing its 26th answer
+    n = len(bodies)
+    _, answers, failed = judge_run(folder, rubric_path, url, cache)
+    assert len(bodies) - n == 36 - 25 and answers == whole and not failed
+    n = len(bodies)
+    assert judge_run(folder, rubric_path, url, cache)[1] == whole and len(bodies) == n  # all there: nothing asked
+    rub = dict(JUDGE_RUBRIC, dimensions=[dict(d, question='SMOOTH, really?') if d['name'] == 'smooth' else d
+                                         for d in JUDGE_RUBRIC['dimensions']])
+    rubric_path.write_text(json.dumps(rub))
+    judge_run(folder, rubric_path, url, cache)
+    assert len(bodies) - n == 2 * 3 * 2  # an edited question is asked anew on each video, vote and judge
+
+
+def test_judge_eval_script_prints_one_table_and_writes_json(chat_server, tmp_path):
+    url, replies, bodies = chat_server
+    folder, rubric_path = judge_videos(tmp_path)
+    replies.append(fixed_scores)
+    args = ['eval.py', f'--videos_dir={folder}', f'--judge_url={url}', '--judge_model=a,b', f'--rubric={rubric_path}',
+            '--judge_frames=2', '--judge_size=32']
+    r = run(*args)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r'^TA\s+3\.833 \+- 0\.333  4\.000 \+- 0\.500  3\.000 \+- 1\.000  3\.000 \+- 1\.000  '
+                     r'3\.417 \+- 0\.333  3\.500 \+- 0\.250', r.stdout, re.M), r.stdout
+    out = json.load(open(folder / 'judged.json'))
+    assert out['table']['MQ']['mean over judges']['vote'] == pytest.approx(dict(mean=3.5, std=1.0))
+    assert not out['failed'] and len(bodies) == 36 and os.path.exists(folder / 'judge_cache.jsonl')
+    again = run(*args)  # another process: every answer from the cache
+    assert again.returncode == 0 and len(bodies) == 36 and 'new answers' not in again.stdout
+    bad = [run(*args[:3], '--judge_model=a,b,c', '--judge_url=http://x/v1,http://y/v1'),
+           run(*args[:4], f'--rubric={tmp_path}/none.json'), run('eval.py', *args[2:4]),
+           run(*args[:4], f'--videos_dir={tmp_path}/nowhere')]
+    for b, phrase in zip(bad, ['lists 2 urls for 3 judge models', 'none.json not found', 'nothing to judge',
+                               'nowhere: folder not found']):
+        assert b.returncode != 0 and phrase in b.stderr and 'Traceback' not in b.stderr, b.stderr
+    (tmp_path / 'rubric.json').write_text(json.dumps(dict(JUDGE_RUBRIC, dimensions=[{'name': 'x', 'group': 'TA'}])))
+    b = run(*args)
+    assert b.returncode != 0 and b.stderr.strip().count('\n') == 0 and "dimension 0 has no key 'question'" in b.stderr
+
+
+def omiti2v_folder(root):
+    """A two-sample OmitI2V benchmark: meta.json with the authors' key names, PNG images, and {id}.mp4 videos."""
+    os.makedirs(root / 'OmitI2V' / 'images')
+    os.makedirs(root / 'videos')
+    meta = [{'id': 'sample_0', 'image-path': 'images/0.png', 'prompt': 'a sunflower appears in the vase',
+             'main-category': 'addition', 'questions': [
+                 {'id': 'q1', 'question': 'Did a sunflower appear?', 'expected_answer': 'yes', 'category': 'x'},
+                 {'id': 'q2', 'question': 'Is the sunflower in the vase?', 'expected_answer': 'yes'},
+                 {'id': 'q3', 'question': 'Is the vase still empty?', 'expected_answer': 'no'}]},
+            {'id': 'sample_1', 'image-path': 'images/1.png', 'prompt': 'the cat leaves the sofa',
+             'main-category': 'Deletion', 'questions': [
+                 {'id': 'q1', 'question': 'Is the cat still on the sofa?', 'expected_answer': 'no'},
+                 {'id': 'q2', 'question': 'Is the sofa still there?', 'expected_answer': 'Yes'}]}]
+    (root / 'OmitI2V' / 'meta.json').write_text(json.dumps(meta))
+    rng = np.random.default_rng(0)
+    for k, (h, w) in enumerate([(100, 200), (200, 100)]):  # two aspects
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / 'OmitI2V' / 'images' / f'{k}.png')
+        write_video(str(root / 'videos' / f'sample_{k}.mp4'), torch.full((3, 5, 32, 32), -0.4 + 0.8 * k), 8)
+    return root / 'OmitI2V', root / 'videos', meta
+
+
+def test_omiti2v_accuracy_on_a_two_sample_benchmark(chat_server, tmp_path):
+    url, replies, bodies = chat_server
+    bench, videos_dir, meta = omiti2v_folder(tmp_path)
+    expected = {q['question']: q['expected_answer'].lower() for s in meta for q in s['questions']}
+
+    def answers(body):  # judge a says yes to everything; b is right but on "Is the cat still on the sofa?"
+        q = re.search(r'Question: (.*?)\n', body['messages'][0]['content'][-1]['text']).group(1)
+        right = expected[q] if q != 'Is the cat still on the sofa?' else 'yes'
+        return 200, json.dumps({'answer': 'yes' if body['model'] == 'a' else right, 'reason': 'seen'})
+    replies.append(answers)
+    r = run('eval.py', f'--omiti2v={bench}', f'--videos_dir={videos_dir}', f'--judge_url={url}', '--judge_model=a,b',
+            '--judge_frames=3')
+    assert r.returncode == 0, r.stderr
+    # per sample: a 2/3 and 1/2, b 1 and 1/2; over judges 5/6 and 1/2
+    table = json.load(open(videos_dir / 'omiti2v.json'))['table']
+    assert table['a'] == pytest.approx(dict(addition=200 / 3, deletion=50.0, all=175 / 3))
+    assert table['b'] == pytest.approx(dict(addition=100.0, deletion=50.0, all=75.0))
+    assert table['mean over judges'] == pytest.approx(dict(addition=250 / 3, deletion=50.0, all=200 / 3))
+    assert re.search(r'^mean over judges\s+83\.33\s+50\.00\s+66\.67$', r.stdout, re.M), r.stdout
+    assert re.search(r'Addition\s+Deletion\s+all', r.stdout)
+    assert len(bodies) == 5 * 2 and all(b['temperature'] == 0.0 for b in bodies)
+    body = bodies[0]
+    assert [p['type'] for p in body['messages'][0]['content']] == ['image_url'] * 3 + ['text']
+    assert all(s['prompt'] not in b['messages'][0]['content'][-1]['text'] for b in bodies for s in meta)  # no prompt
+    assert body['response_format']['json_schema']['schema']['properties']['answer']['enum'] == ['yes', 'no']
+    os.remove(videos_dir / 'sample_1.mp4')  # a missing video: named, not scored
+    r = run('eval.py', f'--omiti2v={bench}', f'--videos_dir={videos_dir}', f'--judge_url={url}', '--judge_model=a,b',
+            '--judge_frames=3')
+    assert r.returncode == 0 and len(bodies) == 10 and 'sample_1.mp4: the video was not found' in r.stdout
+
+
+def test_omiti2v_bad_meta_json_ends_in_one_sentence(tmp_path):
+    from models import judge
+    bench, videos_dir, meta = omiti2v_folder(tmp_path)
+    assert [s['id'] for s in judge.read_omiti2v(str(bench))] == ['sample_0', 'sample_1']
+    s = judge.read_omiti2v(str(bench))[1]
+    assert s['category'] == 'deletion' and s['questions'][1] == ('Is the sofa still there?', 'yes')
+    assert s['image'] == os.path.join(str(bench), 'images/1.png') and s['prompt'] == 'the cat leaves the sofa'
+    with pytest.raises(ValueError, match=r"meta.json sample 0 has no key 'image' \(its image: set --omiti2v_fields"):
+        judge.read_omiti2v(str(bench), 'id,image,prompt,main-category,questions,question,expected_answer')
+    with pytest.raises(ValueError, match="sample 0 question 0 has no key 'answer'"):
+        judge.read_omiti2v(str(bench), 'id,image-path,prompt,main-category,questions,question,answer')
+    assert judge.read_omiti2v(str(bench), 'id,image,prompt,main-category,questions,question,answer', ('id', 'prompt'))
+    r = run('eval.py', f'--omiti2v={bench}', f'--videos_dir={videos_dir}', '--judge_url=http://x/v1',
+            '--judge_model=a', '--omiti2v_fields=id,image-path,prompt,type,questions,question,expected_answer')
+    assert r.returncode != 0 and "meta.json sample 0 has no key 'type' (its category" in r.stderr
+    assert r.stderr.strip().count('\n') == 0
+    r = run('eval.py', f'--omiti2v={tmp_path}/nowhere', f'--videos_dir={videos_dir}', '--judge_url=http://x/v1',
+            '--judge_model=a')
+    assert r.returncode != 0 and 'nowhere: folder not found' in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_omiti2v_sample_writes_one_video_per_sample(tmp_path):
+    import decord
+    bench, _, _ = omiti2v_folder(tmp_path)
+    vae = WanVAE(z_dim=6, dim=8, dec_dim=12, wan22=True, num_res_blocks=1)
+    root = fake_official(tmp_path / 'ckpt', 'ti2v', 6, vae, [''])
+    args = ['sample.py', f'--ckpt_dir={root}', '--model=ti2v-5b', '--frames=5', '--steps=2', '--size=96*64',
+            f'--omiti2v={bench}', f'--out={tmp_path}/omit']
+    r = run(*args)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path / 'omit')) == ['sample_0.mp4', 'sample_1.mp4']
+    sizes = [decord.VideoReader(str(tmp_path / 'omit' / f'sample_{k}.mp4'))[0].shape for k in range(2)]
+    assert sizes == [(64, 96, 3), (96, 64, 3)]  # each its own image's aspect within the area (official rounding)
+    again = run(*args)
+    assert again.returncode == 0 and 'wrote' not in again.stdout  # a finished benchmark writes nothing more
+    r = run(*args, '--prompts=p.txt')
+    assert r.returncode != 0 and 'drop --prompts and --image' in r.stderr

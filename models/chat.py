@@ -2,7 +2,7 @@
 
     answer = ask(url, model, messages, schema)   # the reply parsed as JSON that the endpoint constrained to schema
 
-Used by prepare.py (entities from a caption) and eval.py (VLM judges). Images go in as data URLs (`image_part`).
+Used by prepare.py (entities from a caption) and models/judge.py (eval.py's VLM judges). Images go in as data URLs (`image_part`).
 Every failure ends as ChatError, one sentence naming the endpoint and what went wrong, after `retries` tries.
 """
 import base64
@@ -26,10 +26,12 @@ def image_part(frame):
     return {'type': 'image_url', 'image_url': {'url': url}}
 
 
-def request(model, messages, schema, name='answer', temperature=0.0, max_tokens=1024):
-    """The chat-completions request body: the reply constrained by a JSON schema (response_format json_schema)."""
-    return {'model': model, 'messages': messages, 'temperature': temperature, 'max_tokens': max_tokens,
+def request(model, messages, schema, name='answer', temperature=0.0, max_tokens=1024, seed=None):
+    """The chat-completions request body: the reply constrained by a JSON schema (response_format json_schema);
+    seed makes a sampled answer repeatable on servers that take one (vLLM, SGLang)."""
+    body = {'model': model, 'messages': messages, 'temperature': temperature, 'max_tokens': max_tokens,
             'response_format': {'type': 'json_schema', 'json_schema': {'name': name, 'schema': schema, 'strict': True}}}
+    return body if seed is None else {**body, 'seed': seed}
 
 
 def post(url, body, timeout):
