@@ -398,8 +398,9 @@ def main():
     if ckpt_dir and model == 'i2v-a14b' and not (image or omiti2v):
         raise SystemExit('i2v-a14b generates from a first frame: pass --image=<path>')
     if (image or omiti2v) and model.startswith('t2v'):
-        raise SystemExit(f'--image and --omiti2v are for image-to-video models (i2v-a14b, ti2v-5b); {model} is '
-                         f'text-to-video: pick such a model')
+        flag = '--image' if image else '--omiti2v'
+        raise SystemExit(f'{flag} is for image-to-video models (i2v-a14b, ti2v-5b); {model} is text-to-video: '
+                         f'drop {flag} or pick such a model')
     models = load_official(dev, mesh, group) if ckpt_dir else load_trained(dev)
     experts, t5, tok, codec, d = models
     dit = checked_dit(experts, d, mesh['sp'].size())

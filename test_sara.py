@@ -3590,7 +3590,6 @@ def chat_server():
     a callable body -> reply at the head answers every POST; the request bodies are kept."""
     import http.server
     import threading
-    import time
     replies, bodies = [], []
 
     class Handler(http.server.BaseHTTPRequestHandler):
