@@ -175,10 +175,10 @@ def peak_bytes(fn, dev):
     return cpu_peak(fn)
 
 
-def matmul_peak(dev):
-    """Measured dense matmul rate (FLOP/s): bf16 on a GPU, fp32 on the CPU."""
+def matmul_peak(dev, bf16):
+    """Measured dense matmul rate (FLOP/s) in the step's matmul dtype: bf16 under autocast, else fp32."""
     n = matmul_size if dev.type == 'cuda' else min(matmul_size, 2048)
-    dtype = torch.bfloat16 if dev.type == 'cuda' else torch.float32
+    dtype = torch.bfloat16 if bf16 else torch.float32
     a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
     reps = 20 if dev.type == 'cuda' else 2
     s = timed(lambda: a @ b, dev=dev, n_warm=2, n=reps)
@@ -186,7 +186,7 @@ def matmul_peak(dev):
 
 
 def attention_backends():
-    ours = 'SDPA (CPU: matmul, fp32 softmax, matmul up to 2**24 probabilities)'
+    ours = 'SDPA (CPU bf16: matmul, fp32 softmax, matmul up to 2**24 probabilities)'
     if flash_attn_func is not None:
         ours = {'flash_attn_interface': 'flash-attn 3', 'flash_attn': 'flash-attn 2'}.get(
             flash_attn_func.__module__.split('.')[0], flash_attn_func.__module__) + ' (CUDA bf16), else SDPA'
@@ -660,14 +660,15 @@ def main_bench(dev):
     arch = arch_of(model, blocks)
     grid = rank_grid(model, tokens, frames, height, width)
     ckpt = checkpointing == 'on' or (checkpointing == 'auto' and dev.type == 'cuda')
-    gpu = dev.type == 'cuda'  # bf16 autocast on fp32 weights, as the trainer
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if gpu else contextlib.nullcontext()
+    gpu = dev.type == 'cuda'
+    use_amp = amp == 'on' or (amp == 'auto' and (gpu or cpu_bf16()))  # as the trainer
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp)
     print(f'bench: {model}, {arch["num_layers"]} of {wan_configs[model]["num_layers"]} blocks, grid {grid} = '
           f'{math.prod(grid):,} tokens, batch {batch_size}, '
-          f'{dev.type} ({torch.cuda.get_device_name(dev) if gpu else "fp32"}'
-          f'{", bf16 autocast on fp32 weights" if gpu else ""}), checkpointing {"on" if ckpt else "off"}, '
+          f'{dev.type}{f" ({torch.cuda.get_device_name(dev)})" if gpu else ""}, '
+          f'{"bf16 autocast on fp32 weights" if use_amp else "fp32"}, checkpointing {"on" if ckpt else "off"}, '
           f'torch {torch.__version__}', flush=True)
-    peak, peak_what = matmul_peak(dev)
+    peak, peak_what = matmul_peak(dev, use_amp)
     dit = bench_dit(arch, dev, ckpt)
     batch = inputs(arch, grid, dev, batch_size)
     dit_r = time_dit(dit, arch, batch, dev, ckpt, autocast)

@@ -3231,10 +3231,11 @@ def test_a_short_run_raises_the_judge_score(tmp_path):
 # ---------------------------------------------------------------------------------------------- bench.py
 
 def test_bench_prints_ours_diffusers_and_their_ratio():
-    r = run('bench.py', '--frames=5', '--height=32', '--width=32', '--warmup=0', '--iters=1', '--trd_dim=64')
+    r = run('bench.py', '--frames=5', '--height=32', '--width=32', '--warmup=0', '--iters=1', '--trd_dim=64', '--amp=off')
     assert r.returncode == 0, r.stderr
     print(r.stdout)
     out = r.stdout
+    assert ', fp32, ' in out.splitlines()[0] and 'fp32 2048x2048 matmul' in out  # amp off: fp32 steps, fp32 peak
     assert re.search(r'^\| +\| +ours \| +reference \| note', out, re.M)
     ours, theirs, ratio = re.search(r'^\| DiT forward\+backward \(reference: diffusers\) +\| +([\d,.]+) ms \| +([\d,.]+) ms \| ([\d.]+)x '
                                     r'\(diffusers / ours\)', out, re.M).groups()

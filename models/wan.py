@@ -68,9 +68,9 @@ def autocast(dev, amp='auto', cache=True):
 
 def attention(q, k, v, scale=None):
     """q, k, v: [B, L, heads, head_dim]. FlashAttention on CUDA when present, else SDPA; bf16 under autocast.
-    scale: the softmax scale (None = 1/sqrt(head_dim), the same call as without it). On the CPU, while the
-    probabilities stay small (the toy's: 8 x 2 x 192 x 192), two matmuls around an fp32 softmax instead: SDPA's CPU
-    kernels are slower at such sizes (docs/speed.md)."""
+    scale: the softmax scale (None = 1/sqrt(head_dim), the same call as without it). On the CPU in bf16, while the
+    probabilities stay small (the toy's: 8 x 2 x 192 x 192), two matmuls around an fp32 softmax instead: SDPA's bf16
+    CPU kernel is slower there; in fp32 it is not, and it keeps no probabilities for the backward (docs/speed.md)."""
     if torch.is_autocast_enabled(q.device.type):  # RoPE left q and k in fp32
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -78,7 +78,7 @@ def attention(q, k, v, scale=None):
         out = flash_attn_func(q, k, v, softmax_scale=scale)
         return out[0] if isinstance(out, tuple) else out
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if q.device.type == 'cpu' and q.shape[:3].numel() * k.shape[2] <= 2 ** 24:
+    if q.device.type == 'cpu' and q.dtype != torch.float32 and q.shape[:3].numel() * k.shape[2] <= 2 ** 24:
         p = ((q @ k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5 if scale is None else scale)).softmax(-1)
         return (p.to(v.dtype) @ v).transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
