@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from data import COLOURS, MOVES, SHAPES, load_clip, read_manifest
 from models import judge as vlm
 from models.checkpoint import load_dit_run
-from models.settings import configure, run
+from models.settings import configure, require, run
 from models.t5 import encode
 
 videos = ''                    # a manifest .jsonl whose clips (with their captions) are judged
@@ -63,6 +63,8 @@ omiti2v = ''                   # the OmitI2V folder (meta.json): score videos_di
 omiti2v_fields = vlm.OMITI2V_FIELDS  # meta.json's key names of: id, image, prompt, category, questions, question, answer
 
 cfg = configure(globals(), __file__)
+require(globals(), 'seeds >= 1', 'judge_frames >= 1', 'judge_size >= 0', 'judge_votes >= 1', 'judge_retries >= 1',
+        'judge_timeout > 0', 'judge_workers >= 1', 'judge_max_tokens >= 1', 'judge_temperature >= 0')
 
 FILL = dict(square=1.0, circle=np.pi / 4, triangle=0.5)  # blob area / bounding-box area of each shape
 ENTITY = re.compile(rf"\b({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) moves ({'|'.join(MOVES)})\b")

@@ -3798,9 +3798,9 @@ def test_judge_eval_script_prints_one_table_and_writes_json(chat_server, tmp_pat
     assert again.returncode == 0 and len(bodies) == 36 and 'new answers' not in again.stdout
     bad = [run(*args[:3], '--judge_model=a,b,c', '--judge_url=http://x/v1,http://y/v1'),
            run(*args[:4], f'--rubric={tmp_path}/none.json'), run('eval.py', *args[2:4]),
-           run(*args[:4], f'--videos_dir={tmp_path}/nowhere')]
+           run(*args[:4], f'--videos_dir={tmp_path}/nowhere'), run(*args, '--judge_votes=0')]
     for b, phrase in zip(bad, ['lists 2 urls for 3 judge models', 'none.json not found', 'nothing to judge',
-                               'nowhere: folder not found']):
+                               'nowhere: folder not found', '--judge_votes=0: the settings need judge_votes >= 1']):
         assert b.returncode != 0 and phrase in b.stderr and 'Traceback' not in b.stderr, b.stderr
     (tmp_path / 'rubric.json').write_text(json.dumps(dict(JUDGE_RUBRIC, dimensions=[{'name': 'x', 'group': 'TA'}])))
     b = run(*args)
